@@ -1,0 +1,175 @@
+"""Physical removal: apply a plan to a model in place and rewrite its config in one place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from secateurs.errors import PlanError
+from secateurs.models.adapters import FamilyAdapter
+from secateurs.surgery.reshape import SkipAttention, SkipMLP, renumber_attention
+from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import LayerUnits, UnitSpace
+
+log = logging.getLogger(__name__)
+
+
+def adapter_names(adapter: FamilyAdapter) -> dict[str, str]:
+    d = asdict(adapter)
+    return {k: d[k] for k in ("layers", "attn", "q", "k", "v", "o", "mlp", "gate", "up", "down")}
+
+
+def _sliced(old: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    w = old.weight
+    if rows is not None:
+        w = w.index_select(0, rows)
+    if cols is not None:
+        w = w.index_select(1, cols)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if old.bias is not None:
+        new.bias.data.copy_(old.bias if rows is None else old.bias.index_select(0, rows))
+    return new
+
+
+def _add_bias_(linear: nn.Linear, correction: list[float]) -> None:
+    c = torch.tensor(correction, device=linear.weight.device, dtype=linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(c.clone())
+    else:
+        linear.bias.data.add_(c)
+
+
+def _head_rows(groups: list[int], per_group: int, device) -> torch.Tensor:
+    return (
+        torch.tensor(groups, device=device)[:, None] * per_group + torch.arange(per_group, device=device)
+    ).flatten()
+
+
+def _prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyAdapter) -> None:
+    if lp.drop_attn:
+        setattr(layer, a.attn, SkipAttention())
+        return
+    attn = a.attention(layer)
+    g = lu.geometry
+    dev = attn.get_submodule(a.q).weight.device
+    if lp.keep_groups is not None:
+        q_rows = _head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, dev)
+        kv_rows = _head_rows(lp.keep_groups, g.head_dim, dev)
+        for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
+            setattr(attn, name, _sliced(getattr(attn, name), rows, None))
+        setattr(attn, a.o, _sliced(getattr(attn, a.o), None, q_rows))
+    if lp.attn_bias is not None:
+        _add_bias_(getattr(attn, a.o), lp.attn_bias)
+
+
+def _prune_mlp_(layer: nn.Module, lp: LayerPlan, a: FamilyAdapter) -> None:
+    if lp.drop_mlp:
+        setattr(layer, a.mlp, SkipMLP())
+        return
+    mlp = a.mlp_module(layer)
+    if lp.keep_channels is not None:
+        rows = torch.tensor(lp.keep_channels, device=getattr(mlp, a.gate).weight.device)
+        for name in (a.gate, a.up):
+            setattr(mlp, name, _sliced(getattr(mlp, name), rows, None))
+        setattr(mlp, a.down, _sliced(getattr(mlp, a.down), None, rows))
+    if lp.mlp_bias is not None:
+        _add_bias_(getattr(mlp, a.down), lp.mlp_bias)
+
+
+def _layer_spec(layer: nn.Module, q_per_kv: int, head_dim: int, a: FamilyAdapter) -> dict:
+    attn, mlp = a.attention(layer), a.mlp_module(layer)
+    has_attn, has_mlp = not isinstance(attn, SkipAttention), not isinstance(mlp, SkipMLP)
+    return {
+        "kv_heads": getattr(attn, a.k).out_features // head_dim if has_attn else 0,
+        "q_per_kv": q_per_kv,
+        "head_dim": head_dim,
+        "intermediate": getattr(mlp, a.down).in_features if has_mlp else 0,
+        "attn": has_attn,
+        "mlp": has_mlp,
+        "o_bias": has_attn and getattr(attn, a.o).bias is not None,
+        "down_bias": has_mlp and getattr(mlp, a.down).bias is not None,
+    }
+
+
+def _slice_per_layer_config_(config, keep: list[int], n_before: int) -> None:
+    """Per-layer config lists (e.g. `layer_types`) must follow the surviving layers."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n_before and key != "architectures":
+            setattr(config, key, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+
+
+def _write_config_(model: nn.Module, space: UnitSpace, native_bias: tuple[bool, bool]) -> None:
+    """Uniform shapes go into the stock config keys; anything else into `config.secateurs`."""
+    a, config = space.adapter, model.config
+    g0 = space.layers[0].geometry
+    specs = [_layer_spec(layer, g0.q_per_kv, g0.head_dim, a) for layer in a.decoder_layers(model)]
+    uniform = all(
+        s["attn"]
+        and s["mlp"]
+        and (s["kv_heads"], s["intermediate"]) == (specs[0]["kv_heads"], specs[0]["intermediate"])
+        and (s["o_bias"], s["down_bias"]) == native_bias
+        for s in specs
+    )
+    config.head_dim = g0.head_dim  # Llama derives head_dim from the head count when it is absent
+    if uniform:
+        config.num_key_value_heads = specs[0]["kv_heads"]
+        config.num_attention_heads = specs[0]["kv_heads"] * g0.q_per_kv
+        config.intermediate_size = specs[0]["intermediate"]
+        if hasattr(config, "secateurs"):
+            del config.secateurs
+    else:
+        config.secateurs = {"names": adapter_names(a), "layers": specs}
+
+
+def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
+    """Physically remove what `plan` drops, in place; returns `model`.
+
+    Kept groups/channels are sliced out of q/k/v/o and gate/up/down (biases included), dropped blocks
+    become `SkipAttention` / `SkipMLP`, layers with both blocks dropped leave the `ModuleList`, bias
+    corrections become real biases, and the config is rewritten to match the tensors.
+    """
+    space = UnitSpace.from_model(model)
+    plan = plan.canonical(space)
+    a = space.adapter
+    layer_types = getattr(model.config, "layer_types", None)
+    if (
+        layer_types
+        and len(set(layer_types)) > 1
+        and any(lp.drop_attn and not lp.drop_mlp for lp in plan.layers)
+    ):
+        raise PlanError("dropping single attention blocks in a model with mixed layer types is not supported")
+    native_bias = _native_bias(model, space)
+    decoder = a.decoder_layers(model)
+    with torch.no_grad():
+        for layer, lp, lu in zip(decoder, plan.layers, space.layers, strict=True):
+            _prune_attention_(layer, lp, lu, a)
+            _prune_mlp_(layer, lp, a)
+    keep = [i for i, lp in enumerate(plan.layers) if not lp.drops_layer]
+    if len(keep) < len(decoder):
+        parent_name, _, child = a.layers.rpartition(".")
+        model.get_submodule(parent_name).__setattr__(child, nn.ModuleList([decoder[i] for i in keep]))
+        _slice_per_layer_config_(model.config, keep, len(plan.layers))
+    renumber_attention(model, adapter_names(a))
+    _write_config_(model, space, native_bias)
+    after = UnitSpace.from_model(model)
+    log.info(
+        "surgery: %d -> %d layers, prunable params %d -> %d",
+        space.n_layers,
+        after.n_layers,
+        space.total_cost,
+        after.total_cost,
+    )
+    return model
+
+
+def _native_bias(model: nn.Module, space: UnitSpace) -> tuple[bool, bool]:
+    """Whether a stock model built from this config has o_proj / down_proj biases."""
+    a, config = space.adapter, model.config
+    o = bool(a.o_bias_native and getattr(config, a.o_bias_native, False))
+    d = bool(a.down_bias_native and getattr(config, a.down_bias_native, False))
+    return o, d

@@ -1,0 +1,79 @@
+"""Per-layer shapes for pruned models: the one piece shared by secateurs and the saved modelling file.
+
+This module imports only torch and transformers on purpose: `save_pruned` copies it verbatim into the
+output directory as `modeling_secateurs.py`, with a three-line footer that subclasses the family's stock
+`*ForCausalLM`. So `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and
+`secateurs.load(dir)` build the model with the very same code.
+
+`config.secateurs` holds {"names": {...module names...}, "layers": [per-layer spec, ...]} where a spec is
+{"kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias"}.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SkipAttention(nn.Module):
+    """Stands in for a removed attention block: contributes nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class SkipMLP(nn.Module):
+    """Stands in for a removed MLP block."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+def _linear_like(old: nn.Linear, in_f: int, out_f: int, bias: bool) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def renumber_attention(model: nn.Module, names: dict) -> None:
+    """Give the attention blocks that remain consecutive cache indices 0..n-1.
+
+    KV caches are indexed by `layer_idx` and report their length from index 0, so removed attention
+    blocks must not leave holes.
+    """
+    idx = 0
+    for layer in model.get_submodule(names["layers"]):
+        attn = getattr(layer, names["attn"])
+        if not isinstance(attn, SkipAttention):
+            attn.layer_idx = idx
+            idx += 1
+
+
+def reshape_(model: nn.Module, secateurs: dict) -> None:
+    """Rebuild a freshly constructed stock model so its modules have the saved per-layer shapes.
+
+    Called on a model whose weights are about to be loaded, so new modules are left uninitialised.
+    """
+    names = secateurs["names"]
+    hidden = model.config.hidden_size
+    layers = model.get_submodule(names["layers"])
+    for layer, spec in zip(layers, secateurs["layers"], strict=True):
+        attn, mlp = getattr(layer, names["attn"]), getattr(layer, names["mlp"])
+        if not spec["attn"]:
+            setattr(layer, names["attn"], SkipAttention())
+        else:
+            heads = spec["kv_heads"] * spec["q_per_kv"]
+            hd = spec["head_dim"]
+            for key, out_f in (("q", heads * hd), ("k", spec["kv_heads"] * hd), ("v", spec["kv_heads"] * hd)):
+                old = getattr(attn, names[key])
+                setattr(attn, names[key], _linear_like(old, hidden, out_f, old.bias is not None))
+            old = getattr(attn, names["o"])
+            setattr(attn, names["o"], _linear_like(old, heads * hd, hidden, spec["o_bias"]))
+        if not spec["mlp"]:
+            setattr(layer, names["mlp"], SkipMLP())
+        else:
+            inter = spec["intermediate"]
+            for key in ("gate", "up"):
+                old = getattr(mlp, names[key])
+                setattr(mlp, names[key], _linear_like(old, hidden, inter, old.bias is not None))
+            old = getattr(mlp, names["down"])
+            setattr(mlp, names["down"], _linear_like(old, inter, hidden, spec["down_bias"]))
+    renumber_attention(model, names)

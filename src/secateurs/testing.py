@@ -1,0 +1,89 @@
+"""Tiny random models of every supported family, built in-process, for tests and examples.
+
+Weights are drawn with a larger std than HF's default so that masking a unit visibly moves the logits;
+a test that compares logits must be able to fail.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import transformers
+
+from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import UnitSpace
+
+FAMILIES = ("llama", "llama-mha-bias", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(family: str = "llama", layers: int = 4):
+    common = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    elif family == "llama-mha-bias":  # no GQA, and biases everywhere (attention_bias / mlp_bias)
+        cfg = transformers.LlamaConfig(
+            **{**common, "num_key_value_heads": 4}, attention_bias=True, mlp_bias=True
+        )
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(
+            **{**common, "num_attention_heads": 6, "num_key_value_heads": 2}, head_dim=8
+        )
+    else:
+        raise ValueError(family)
+    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    return cfg
+
+
+def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32)
+    with torch.no_grad():  # biases start at zero in HF init; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def random_plan(space: UnitSpace, seed: int = 0, drop_layer: bool = True, corrections: bool = True) -> Plan:
+    """A heterogeneous plan: every layer keeps a different subset, one block and one layer go."""
+    rng = random.Random(seed)
+    layers = []
+    for lu in space.layers:
+        g = sorted(rng.sample(range(lu.n_groups), rng.randint(1, lu.n_groups))) if lu.n_groups else None
+        c = sorted(rng.sample(range(lu.n_channels), rng.randint(1, lu.n_channels))) if lu.n_channels else None
+        bias = (
+            (lambda: [rng.gauss(0, 0.1) for _ in range(space.hidden_size)]) if corrections else (lambda: None)
+        )
+        layers.append(LayerPlan(keep_groups=g, keep_channels=c, attn_bias=bias(), mlp_bias=bias()))
+    n = len(layers)
+    if n >= 3:
+        layers[1].drop_mlp = True
+        layers[2].drop_attn = True
+    if drop_layer and n >= 4:
+        layers[3] = LayerPlan(drop_attn=True, drop_mlp=True)
+    return Plan(layers, method="random-test", seed=seed)
+
+
+def uniform_plan(space: UnitSpace, groups: int, channels: int, drop_layers: tuple[int, ...] = ()) -> Plan:
+    layers = [
+        LayerPlan(drop_attn=True, drop_mlp=True)
+        if i in drop_layers
+        else LayerPlan(keep_groups=list(range(groups)), keep_channels=list(range(channels)))
+        for i in range(space.n_layers)
+    ]
+    return Plan(layers, method="uniform-test")

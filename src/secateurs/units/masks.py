@@ -1,0 +1,185 @@
+"""Keep-masks applied to a live model by forward hooks on stock HF modules.
+
+No weight is copied or edited and no modelling code is forked: a pre-hook on `o_proj` scales each
+head's slice of its input, a pre-hook on `down_proj` scales `act(gate) * up`, and forward hooks add
+bias corrections and scale the block's residual contribution. Every mask has a leading batch dimension,
+so each row of an input batch can carry its own sub-model: many masks, one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from secateurs.errors import PlanError
+from secateurs.units.plan import Plan
+from secateurs.units.space import UnitSpace
+
+
+@dataclass
+class Masks:
+    """Keep values per unit, one row per sub-model (`B` rows).
+
+    `groups[l]`: [B, n_groups_l]; `channels[l]`: [B, n_channels_l]; `attn_block` / `mlp_block`: [B, L].
+    Values are usually 0/1 but any float works (a block whose groups are all 0 counts as dropped, as in
+    `Plan.canonical`). Bias corrections are [hidden] or [B, hidden] per layer, or None.
+    """
+
+    groups: list[torch.Tensor]
+    channels: list[torch.Tensor]
+    attn_block: torch.Tensor
+    mlp_block: torch.Tensor
+    attn_bias: list[torch.Tensor | None]
+    mlp_bias: list[torch.Tensor | None]
+
+    @property
+    def batch(self) -> int:
+        return self.attn_block.shape[0]
+
+    @classmethod
+    def ones(cls, space: UnitSpace, batch: int = 1) -> Masks:
+        n_l = space.n_layers
+        return cls(
+            groups=[torch.ones(batch, n) for n in space.n_units("attn_group")],
+            channels=[torch.ones(batch, n) for n in space.n_units("mlp_channel")],
+            attn_block=torch.ones(batch, n_l),
+            mlp_block=torch.ones(batch, n_l),
+            attn_bias=[None] * n_l,
+            mlp_bias=[None] * n_l,
+        )
+
+    @classmethod
+    def from_plan(cls, plan: Plan, space: UnitSpace) -> Masks:
+        plan = plan.canonical(space)
+        m = cls.ones(space, 1)
+        for i, (lp, lu) in enumerate(zip(plan.layers, space.layers, strict=True)):
+            m.groups[i] = _indicator(lp.groups(lu.n_groups), lu.n_groups)
+            m.channels[i] = _indicator(lp.channels(lu.n_channels), lu.n_channels)
+            m.attn_block[0, i] = float(not lp.drop_attn)
+            m.mlp_block[0, i] = float(not lp.drop_mlp)
+            m.attn_bias[i] = None if lp.attn_bias is None else torch.tensor(lp.attn_bias)
+            m.mlp_bias[i] = None if lp.mlp_bias is None else torch.tensor(lp.mlp_bias)
+        return m
+
+    @classmethod
+    def stack(cls, masks: list[Masks]) -> Masks:
+        """Concatenate along the batch; bias corrections must be absent or equal for all."""
+
+        def cat_bias(parts):
+            if all(p is None for p in parts):
+                return None
+            if any(p is None for p in parts):
+                raise ValueError("cannot stack masks where only some carry bias corrections")
+            return torch.cat([p.expand(m.batch, -1) if p.dim() == 1 else p for p, m in zip(parts, masks, strict=True)])
+
+        n_l = len(masks[0].groups)
+        return cls(
+            groups=[torch.cat([m.groups[i] for m in masks]) for i in range(n_l)],
+            channels=[torch.cat([m.channels[i] for m in masks]) for i in range(n_l)],
+            attn_block=torch.cat([m.attn_block for m in masks]),
+            mlp_block=torch.cat([m.mlp_block for m in masks]),
+            attn_bias=[cat_bias([m.attn_bias[i] for m in masks]) for i in range(n_l)],
+            mlp_bias=[cat_bias([m.mlp_bias[i] for m in masks]) for i in range(n_l)],
+        )
+
+    def repeat_interleave(self, n: int) -> Masks:
+        """Each row repeated `n` times in place: row r serves input rows r*n .. r*n+n-1."""
+
+        def rep(t):
+            return None if t is None else (t if t.dim() == 1 else t.repeat_interleave(n, dim=0))
+
+        return Masks(
+            groups=[rep(t) for t in self.groups],
+            channels=[rep(t) for t in self.channels],
+            attn_block=rep(self.attn_block),
+            mlp_block=rep(self.mlp_block),
+            attn_bias=[rep(t) for t in self.attn_bias],
+            mlp_bias=[rep(t) for t in self.mlp_bias],
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Masks:
+        def mv(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return Masks(
+            [mv(t) for t in self.groups],
+            [mv(t) for t in self.channels],
+            mv(self.attn_block),
+            mv(self.mlp_block),
+            [mv(t) for t in self.attn_bias],
+            [mv(t) for t in self.mlp_bias],
+        )
+
+
+def _indicator(keep: list[int], n: int) -> torch.Tensor:
+    t = torch.zeros(1, n)
+    t[0, keep] = 1.0
+    return t
+
+
+def _rows(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """Match a [B, ...] mask to an input batch: equal size, or one mask for every row."""
+    if mask.shape[0] == batch or mask.shape[0] == 1:
+        return mask
+    raise PlanError(f"masks have {mask.shape[0]} rows but the input batch has {batch}")
+
+
+def _scale_input_hook(unit_mask: torch.Tensor, width: int):
+    def hook(_module, args):
+        (x,) = args
+        m = _rows(unit_mask, x.shape[0]).repeat_interleave(width, dim=1)
+        return (x * m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1]),)
+
+    return hook
+
+
+def _output_hook(block: torch.Tensor, bias: torch.Tensor | None):
+    def hook(_module, _args, out):
+        if bias is not None:
+            out = out + (bias if bias.dim() == 1 else _rows(bias, out.shape[0]).unsqueeze(1))
+        b = _rows(block, out.shape[0])
+        return out * b.view(b.shape[0], *([1] * (out.dim() - 1)))
+
+    return hook
+
+
+@contextmanager
+def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> Iterator[nn.Module]:
+    """Run `model` as the sub-model(s) described by `masks` inside the `with` block.
+
+    Example::
+
+        space = UnitSpace.from_model(model)
+        m = Masks.ones(space, batch=2)
+        m.groups[0][1, 0] = 0          # row 1 drops layer 0's first GQA group
+        with torch.inference_mode(), masked(model, m, space):
+            logits = model(input_ids).logits   # input_ids has 2 rows
+    """
+    space = space or UnitSpace.from_model(model)
+    param = next(model.parameters())
+    masks = masks.to(param.device, param.dtype)
+    handles = []
+    try:
+        for i, (layer, lu) in enumerate(zip(space.adapter.decoder_layers(model), space.layers, strict=True)):
+            g = lu.geometry
+            if g.has_attn:
+                o = space.adapter.attn_linears(layer)[3]
+                gm = masks.groups[i]
+                # A block whose groups are all masked counts as dropped (see Plan.canonical).
+                block = masks.attn_block[:, i] * (gm.sum(dim=1) > 0).to(gm.dtype)
+                handles.append(o.register_forward_pre_hook(_scale_input_hook(gm, g.q_per_kv * g.head_dim)))
+                handles.append(o.register_forward_hook(_output_hook(block, masks.attn_bias[i])))
+            if g.has_mlp:
+                down = space.adapter.mlp_linears(layer)[2]
+                cm = masks.channels[i]
+                block = masks.mlp_block[:, i] * (cm.sum(dim=1) > 0).to(cm.dtype)
+                handles.append(down.register_forward_pre_hook(_scale_input_hook(cm, 1)))
+                handles.append(down.register_forward_hook(_output_hook(block, masks.mlp_bias[i])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

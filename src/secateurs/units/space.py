@@ -1,0 +1,195 @@
+"""Every prunable unit of a model and what it costs, defined once.
+
+Sparsity targets, budgets, projections and reports all read costs from here, so "50% sparsity" means
+the same thing to every method. The definition (stated in every report, see `SPARSITY_DEFINITION`):
+the fraction of attention + MLP *linear* parameters (weights and biases) removed. Embeddings, `lm_head`
+and norms are excluded; Qwen3's per-head q/k norms are shared by all heads and are not unit costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+from secateurs.models.adapters import FamilyAdapter, LayerGeometry, adapter_for, layer_geometry
+
+SPARSITY_DEFINITION = (
+    "sparsity = fraction of attention+MLP linear parameters (weights and biases) removed; "
+    "embeddings, lm_head and norms excluded"
+)
+
+
+class Kind(StrEnum):
+    """Unit kinds. A GQA group is one KV head with the query heads that share it."""
+
+    ATTN_GROUP = "attn_group"
+    MLP_CHANNEL = "mlp_channel"
+    ATTN_BLOCK = "attn_block"
+    MLP_BLOCK = "mlp_block"
+    LAYER = "layer"
+
+
+FINE_KINDS = (Kind.ATTN_GROUP, Kind.MLP_CHANNEL)
+COARSE_KINDS = (Kind.ATTN_BLOCK, Kind.MLP_BLOCK, Kind.LAYER)
+
+
+@dataclass(frozen=True)
+class LayerUnits:
+    """One layer's units and their exact costs."""
+
+    geometry: LayerGeometry
+    group_cost: int  # q and o rows of qpk heads + k and v rows of one head (+ their bias entries)
+    channel_cost: int  # gate and up rows + down column (+ gate/up bias entries)
+    attn_fixed: int  # o_proj bias: goes only with the whole block
+    mlp_fixed: int  # down_proj bias: goes only with the whole block
+
+    @property
+    def n_groups(self) -> int:
+        return self.geometry.n_groups if self.geometry.has_attn else 0
+
+    @property
+    def n_channels(self) -> int:
+        return self.geometry.intermediate if self.geometry.has_mlp else 0
+
+    @property
+    def attn_cost(self) -> int:
+        return self.n_groups * self.group_cost + (self.attn_fixed if self.geometry.has_attn else 0)
+
+    @property
+    def mlp_cost(self) -> int:
+        return self.n_channels * self.channel_cost + (self.mlp_fixed if self.geometry.has_mlp else 0)
+
+    @property
+    def cost(self) -> int:
+        return self.attn_cost + self.mlp_cost
+
+
+def _bias_size(linear: nn.Linear | None) -> int:
+    return 0 if linear is None or linear.bias is None else 1
+
+
+def _layer_units(layer: nn.Module, g: LayerGeometry, adapter: FamilyAdapter, hidden: int) -> LayerUnits:
+    qpk, hd = g.q_per_kv, g.head_dim
+    q = k = v = o = gate = up = down = None
+    if g.has_attn:
+        q, k, v, o = adapter.attn_linears(layer)
+    if g.has_mlp:
+        gate, up, down = adapter.mlp_linears(layer)
+    group_cost = (2 * qpk + 2) * hd * hidden + hd * (qpk * _bias_size(q) + _bias_size(k) + _bias_size(v))
+    channel_cost = 3 * hidden + _bias_size(gate) + _bias_size(up)
+    return LayerUnits(
+        geometry=g,
+        group_cost=group_cost,
+        channel_cost=channel_cost,
+        attn_fixed=hidden * _bias_size(o),
+        mlp_fixed=hidden * _bias_size(down),
+    )
+
+
+@dataclass(frozen=True)
+class UnitSpace:
+    """The prunable units of one model as it is now. Indices are relative to this model."""
+
+    layers: tuple[LayerUnits, ...]
+    hidden_size: int
+    adapter: FamilyAdapter
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> UnitSpace:
+        adapter = adapter_for(model)
+        geoms = layer_geometry(model, adapter)
+        hidden = model.config.hidden_size
+        decoder = adapter.decoder_layers(model)
+        return cls(
+            tuple(_layer_units(layer, g, adapter, hidden) for layer, g in zip(decoder, geoms, strict=True)),
+            hidden,
+            adapter,
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def total_cost(self) -> int:
+        """All prunable parameters (the sparsity denominator for a model in this state)."""
+        return sum(lu.cost for lu in self.layers)
+
+    def n_units(self, kind: Kind) -> list[int]:
+        """Units of `kind` per layer (blocks and layers: 1 if present, else 0)."""
+        if kind == Kind.ATTN_GROUP:
+            return [lu.n_groups for lu in self.layers]
+        if kind == Kind.MLP_CHANNEL:
+            return [lu.n_channels for lu in self.layers]
+        if kind == Kind.ATTN_BLOCK:
+            return [int(lu.geometry.has_attn) for lu in self.layers]
+        if kind == Kind.MLP_BLOCK:
+            return [int(lu.geometry.has_mlp) for lu in self.layers]
+        return [int(lu.geometry.has_attn or lu.geometry.has_mlp) for lu in self.layers]
+
+    def unit_costs(self, kind: Kind) -> list[int]:
+        """Cost of one unit of `kind` in each layer."""
+        if kind == Kind.ATTN_GROUP:
+            return [lu.group_cost for lu in self.layers]
+        if kind == Kind.MLP_CHANNEL:
+            return [lu.channel_cost for lu in self.layers]
+        if kind == Kind.ATTN_BLOCK:
+            return [lu.attn_cost for lu in self.layers]
+        if kind == Kind.MLP_BLOCK:
+            return [lu.mlp_cost for lu in self.layers]
+        return [lu.cost for lu in self.layers]
+
+    def kept_cost(
+        self,
+        groups: list[torch.Tensor],
+        channels: list[torch.Tensor],
+        attn_block: torch.Tensor | None = None,
+        mlp_block: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Expected kept prunable parameters for (soft or hard) keep values, each parameter counted once.
+
+        `groups[l]` / `channels[l]` are keep values in [0, 1]; a block value multiplies everything inside
+        it, so a dropped layer's groups are not counted twice. Works for probabilities too (expectation of
+        a product of independent Bernoullis).
+        """
+        total = torch.zeros(())
+        for i, lu in enumerate(self.layers):
+            a = lu.group_cost * groups[i].sum() + lu.attn_fixed * float(lu.geometry.has_attn)
+            m = lu.channel_cost * channels[i].sum() + lu.mlp_fixed * float(lu.geometry.has_mlp)
+            if attn_block is not None:
+                a = a * attn_block[i]
+            if mlp_block is not None:
+                m = m * mlp_block[i]
+            total = total + a + m
+        return total
+
+    def describe(self) -> list[dict]:
+        """Per-layer counts and costs, for `secateurs info` and reports."""
+        return [
+            {
+                "layer": i,
+                "attn_groups": lu.n_groups,
+                "q_per_kv": lu.geometry.q_per_kv,
+                "head_dim": lu.geometry.head_dim,
+                "group_cost": lu.group_cost,
+                "mlp_channels": lu.n_channels,
+                "channel_cost": lu.channel_cost,
+                "attn_cost": lu.attn_cost,
+                "mlp_cost": lu.mlp_cost,
+                "layer_cost": lu.cost,
+            }
+            for i, lu in enumerate(self.layers)
+        ]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, tied ones once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
