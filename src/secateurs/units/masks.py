@@ -101,6 +101,20 @@ class Masks:
             mlp_bias=[rep(t) for t in self.mlp_bias],
         )
 
+    def rows(self, start: int, end: int) -> Masks:
+        """Rows start..end-1 (a micro-batch); shared [hidden] corrections are kept as they are."""
+        def sl(t):
+            return None if t is None else (t if t.dim() == 1 else t[start:end])
+
+        return Masks(
+            groups=[sl(t) for t in self.groups],
+            channels=[sl(t) for t in self.channels],
+            attn_block=sl(self.attn_block),
+            mlp_block=sl(self.mlp_block),
+            attn_bias=[sl(t) for t in self.attn_bias],
+            mlp_bias=[sl(t) for t in self.mlp_bias],
+        )
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Masks:
         def mv(t):
             return None if t is None else t.to(device=device, dtype=dtype)

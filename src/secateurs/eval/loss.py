@@ -1,0 +1,102 @@
+"""The one evaluator: a batch of masks goes in, one loss per mask comes out.
+
+Bonsai's sub-models, the policy gradient's K samples and the metric methods' checks all get losses here,
+so batching, chunked cross-entropy and (later) distributed workers live in one place. Losses never need
+full-vocabulary logits for every token at once: the decoder's final hidden states go through `lm_head`
+a few thousand tokens at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateurs.errors import LossError
+from secateurs.units.masks import Masks, masked
+from secateurs.units.space import UnitSpace
+
+LOGIT_CHUNK_TOKENS = 2048  # rows of [tokens, vocab] logits alive at once: 2048 x 49k fp32 = 400 MB
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk: int = LOGIT_CHUNK_TOKENS) -> torch.Tensor:
+    """Per-row summed next-token NLL, [B], computed without materialising [B, T, vocab] logits."""
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    labels = input_ids[:, 1:]
+    b, t, d = hidden.shape
+    flat_h, flat_y = hidden.reshape(-1, d), labels.reshape(-1)
+    out = torch.empty(b * t, device=hidden.device, dtype=torch.float32)
+    for s in range(0, b * t, chunk):
+        logits = head(flat_h[s : s + chunk]).float()
+        out[s : s + chunk] = F.cross_entropy(logits, flat_y[s : s + chunk], reduction="none")
+    return out.view(b, t).sum(dim=1)
+
+
+@dataclass
+class EvalStats:
+    forwards: int = 0  # batched forward calls
+    tokens: int = 0  # tokens pushed through the model (rows x length)
+
+
+class SubmodelEvaluator:
+    """Scores sub-models of one model on a fixed set of calibration windows.
+
+    Every mask is scored on the same `windows` ([N, T] token ids), so losses are comparable across masks.
+    `max_rows` bounds the rows of one forward (memory); masks are packed so that a forward carries
+    several masks x windows at once.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, max_rows: int = 16, space: UnitSpace | None = None):
+        self.model = model
+        self.space = space or UnitSpace.from_model(model)
+        self.device = next(model.parameters()).device
+        self.windows = windows.to(self.device)
+        self.max_rows = max(1, max_rows)
+        self.stats = EvalStats()
+
+    @property
+    def n_windows(self) -> int:
+        return self.windows.shape[0]
+
+    def refresh(self) -> None:
+        """Call after the model was pruned in place (shapes changed)."""
+        self.space = UnitSpace.from_model(self.model)
+
+    @torch.inference_mode()
+    def losses(self, masks: Masks | None = None) -> torch.Tensor:
+        """Mean per-token NLL of each mask's sub-model over all windows: [masks.batch] (or [1] if None)."""
+        n, t = self.windows.shape
+        k = 1 if masks is None else masks.batch
+        rows = masks.repeat_interleave(n) if masks is not None else None
+        total = torch.empty(k * n, dtype=torch.float32)
+        for s in range(0, k * n, self.max_rows):
+            e = min(s + self.max_rows, k * n)
+            ids = self.windows[torch.arange(s, e) % n]
+            if rows is None:
+                total[s:e] = token_nll(self.model, ids).cpu()
+            else:
+                with masked(self.model, rows.rows(s, e), self.space):
+                    total[s:e] = token_nll(self.model, ids).cpu()
+            self.stats.forwards += 1
+            self.stats.tokens += (e - s) * t
+        out = total.view(k, n).sum(dim=1) / (n * (t - 1))
+        if not torch.isfinite(out).all():
+            raise LossError(f"non-finite loss from {int((~torch.isfinite(out)).sum())} of {k} sub-models")
+        return out
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Held-out perplexity over contiguous windows; reports the token count and sequence length with it."""
+    ev = SubmodelEvaluator(model, windows, max_rows=batch_size)
+    nll = float(ev.losses()[0])
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "tokens": int(windows.numel()),
+        "seq_len": int(windows.shape[1]),
+        "windows": int(windows.shape[0]),
+    }
