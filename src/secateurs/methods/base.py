@@ -1,0 +1,123 @@
+"""The method interface: model + units + calibration windows + a config dataclass -> a Plan.
+
+Methods register by name with `@register`; the CLI's `--method`, `secateurs methods` and the comparison
+harness find them in `REGISTRY`. Metric methods (`MetricMethod`) also expose per-unit scores, which other
+methods use as priors (Bonsai) or initialisations (policy gradient).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from secateurs.errors import ConfigError
+from secateurs.units.plan import Plan
+from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method shares. Subclass it (a dataclass) to add a method's own settings.
+
+    `sparsity` is the fraction of attention+MLP parameters to remove (see `SPARSITY_DEFINITION`).
+    """
+
+    sparsity: float = 0.5
+    units: tuple[str, ...] = ("attn_group", "mlp_channel")
+    allocation: str = field(
+        default="global", metadata={"help": "uniform: same count per layer; global: anywhere"}
+    )
+    seed: int = 0
+    batch_rows: int = field(default=8, metadata={"help": "rows per forward (memory bound)"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.sparsity) < 1.0:
+            raise ConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if isinstance(self.units, str):
+            self.units = tuple(u.strip() for u in self.units.split(",") if u.strip())
+        valid = {k.value for k in Kind}
+        bad = [u for u in self.units if u not in valid]
+        if bad or not self.units:
+            raise ConfigError(f"unknown unit kinds {bad or '(none)'}; choose from {', '.join(sorted(valid))}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class UnitScores:
+    """Importance per unit (higher = keep), per layer: {kind: [tensor per layer]}.
+
+    For global allocation scores must be comparable across layers and kinds; methods put them on a
+    per-parameter scale (e.g. a mean over the unit's weights) or standardise them.
+    """
+
+    scores: dict[str, list[torch.Tensor]]
+
+    def __getitem__(self, kind: str) -> list[torch.Tensor]:
+        return self.scores[kind]
+
+    def to_dict(self) -> dict[str, list[list[float]]]:
+        return {k: [t.tolist() for t in v] for k, v in self.scores.items()}
+
+
+class Method(ABC):
+    """A pruning method. Subclasses set `name`, `description`, `config_class` and implement `plan`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_backprop: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config or self.config_class()
+
+    @abstractmethod
+    def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
+        """Decide what to remove. `calib` is [N, T] token ids; `model` must come back unchanged."""
+
+
+class MetricMethod(Method):
+    """A method that scores units once and keeps the best under the budget."""
+
+    @abstractmethod
+    def scores(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> UnitScores:
+        """Per-unit importance for the fine kinds (and coarse kinds where the method defines them)."""
+
+    def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
+        from secateurs.methods.select import select
+
+        cfg = self.config
+        plan = select(self.scores(model, space, calib), space, cfg.sparsity, cfg.allocation, cfg.units)
+        plan.method, plan.settings, plan.seed = self.name, cfg.to_dict(), cfg.seed
+        return plan
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by `cls.name` everywhere (CLI, compare, priors)."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    import secateurs.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
+
+
+def fine_units(units: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(u for u in units if u in {k.value for k in FINE_KINDS})

@@ -1,0 +1,53 @@
+"""Magnitude: a unit is as important as the mean absolute value of its weights. Needs no data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from secateurs.methods.base import MetricMethod, UnitScores, register
+from secateurs.methods.weights import group_rows
+from secateurs.units.space import UnitSpace
+
+
+def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
+    """Mean |w| over each unit's parameters (per-parameter scale, so comparable across kinds)."""
+    a = space.adapter
+    groups, channels, attn_blocks, mlp_blocks = [], [], [], []
+    with torch.no_grad():
+        for layer, lu in zip(a.decoder_layers(model), space.layers, strict=True):
+            g = lu.geometry
+            if lu.n_groups:
+                q, k, v, o = (lin.weight.abs().float() for lin in a.attn_linears(layer))
+                parts = [group_rows(w, g.n_groups).flatten(1) for w in (q, k, v, o.t())]
+                s = torch.cat(parts, dim=1).mean(dim=1)
+            else:
+                s = torch.zeros(0)
+            groups.append(s)
+            attn_blocks.append(s.mean(dim=0, keepdim=True) if s.numel() else torch.zeros(1))
+            if lu.n_channels:
+                gate, up, down = (lin.weight.abs().float() for lin in a.mlp_linears(layer))
+                c = (gate.mean(dim=1) + up.mean(dim=1) + down.mean(dim=0)) / 3
+            else:
+                c = torch.zeros(0)
+            channels.append(c)
+            mlp_blocks.append(c.mean(dim=0, keepdim=True) if c.numel() else torch.zeros(1))
+    layers = [(x + y) / 2 for x, y in zip(attn_blocks, mlp_blocks, strict=True)]
+    return UnitScores(
+        {
+            "attn_group": groups,
+            "mlp_channel": channels,
+            "attn_block": attn_blocks,
+            "mlp_block": mlp_blocks,
+            "layer": layers,
+        }
+    )
+
+
+@register
+class Magnitude(MetricMethod):
+    name = "magnitude"
+    description = "mean |weight| per unit; data-free baseline"
+
+    def scores(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> UnitScores:
+        return magnitude_scores(model, space)

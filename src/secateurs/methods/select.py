@@ -1,0 +1,209 @@
+"""From per-unit scores to a plan that removes the target, exactly: plain tensor code, no model.
+
+The rule every method shares: remove at least `ceil(sparsity * prunable)` parameters and overshoot by
+less than the cheapest unit used. MLP channels are the cheapest unit, so they absorb the rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from secateurs.errors import ConfigError
+from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import Kind, UnitSpace
+
+FINE = (Kind.ATTN_GROUP.value, Kind.MLP_CHANNEL.value)
+COARSE = (Kind.LAYER.value, Kind.ATTN_BLOCK.value, Kind.MLP_BLOCK.value)
+
+
+def target_params(space: UnitSpace, sparsity: float) -> int:
+    return math.ceil(sparsity * space.total_cost - 1e-6)
+
+
+def select(
+    scores,
+    space: UnitSpace,
+    sparsity: float,
+    allocation: str,
+    units: tuple[str, ...],
+    target: int | None = None,
+) -> Plan:
+    """Keep the highest-scoring units so that `sparsity` of the prunable parameters go.
+
+    `scores[kind][layer]` is a tensor of per-unit scores (higher = more important). Coarse kinds (whole
+    layers or blocks) are chosen first, globally; fine kinds then take the rest of the budget. `target`
+    (parameters to remove) overrides `sparsity` when a caller budgets in parameters, e.g. per kind.
+    Units with score +inf are never dropped.
+    """
+    target = target_params(space, sparsity) if target is None else target
+    drop: dict[str, list[torch.Tensor]] = {
+        k: [torch.zeros(n, dtype=torch.bool) for n in space.n_units(k)] for k in FINE + COARSE
+    }
+    removed = _select_coarse(scores, space, target, units, drop)
+    fine = [k for k in FINE if k in units]
+    if fine and removed < target:
+        if allocation == "uniform":
+            removed += _select_uniform(scores, space, target - removed, fine, drop)
+        else:
+            removed += _select_global(scores, space, target - removed, fine, drop)
+    if removed < target:
+        raise ConfigError(
+            f"cannot remove {sparsity:.1%} of prunable parameters with units {','.join(units)}: "
+            f"only {removed / space.total_cost:.1%} removable (a target that would remove every unit)"
+        )
+    return _to_plan(space, drop)
+
+
+def _unit_table(scores, space: UnitSpace, kinds, drop) -> tuple[torch.Tensor, ...]:
+    """Flat (score, cost, kind index, layer, unit) over units of `kinds` still available."""
+    s, c, k, la, u = [], [], [], [], []
+    for ki, kind in enumerate(kinds):
+        costs = space.unit_costs(kind)
+        for layer, n in enumerate(space.n_units(kind)):
+            if n == 0 or _layer_gone(drop, kind, layer):
+                continue
+            sc = scores[kind][layer].float()
+            s.append(sc)
+            c.append(torch.full((n,), costs[layer], dtype=torch.float64))
+            k.append(torch.full((n,), ki))
+            la.append(torch.full((n,), layer))
+            u.append(torch.arange(n))
+    if not s:
+        return tuple(torch.zeros(0) for _ in range(5))
+    return tuple(torch.cat(x) for x in (s, c, k, la, u))
+
+
+def _layer_gone(drop, kind: str, layer: int) -> bool:
+    block = Kind.ATTN_BLOCK.value if kind == Kind.ATTN_GROUP.value else Kind.MLP_BLOCK.value
+    return bool(drop[Kind.LAYER.value][layer] or drop[block][layer])
+
+
+def _greedy(table, target: float, drop, kinds) -> float:
+    """Drop lowest-score units while the budget allows; then the cheapest kind fills the last gap."""
+    score, cost, kind, layer, unit = table
+    if score.numel() == 0:
+        return 0.0
+    order = torch.argsort(score, stable=True)
+    cum = torch.cumsum(cost[order], 0)
+    n_take = int((cum <= target + 1e-6).sum())
+    taken = order[:n_take]
+    removed = float(cum[n_take - 1]) if n_take else 0.0
+    rest = order[n_take:]
+    if removed < target and rest.numel():
+        cheapest = cost[rest].min()
+        fill = rest[cost[rest] == cheapest]  # in score order
+        need = math.ceil((target - removed) / float(cheapest) - 1e-9)
+        fill = fill[:need]
+        taken = torch.cat([taken, fill])
+        removed += float(cost[fill].sum())
+    for i in taken.tolist():
+        drop[kinds[int(kind[i])]][int(layer[i])][int(unit[i])] = True
+    return removed
+
+
+def _select_coarse(scores, space, target, units, drop) -> float:
+    coarse = [k for k in COARSE if k in units]
+    if not coarse:
+        return 0.0
+    missing = [k for k in coarse if k not in scores.scores]
+    if missing:
+        raise ConfigError(f"this method has no scores for unit kinds {missing}")
+    table = _unit_table(scores, space, coarse, drop)
+    has_fine = any(k in units for k in FINE)
+    score, cost, kind, layer, unit = table
+    order = torch.argsort(score, stable=True)
+    removed = 0.0
+    for i in order.tolist():
+        if removed >= target:
+            break
+        if has_fine and removed + float(cost[i]) > target:
+            continue  # leave the remainder to finer units
+        kname, li = coarse[int(kind[i])], int(layer[i])
+        if _layer_gone(drop, Kind.ATTN_GROUP.value, li) and kname != Kind.MLP_BLOCK.value:
+            continue
+        if _layer_gone(drop, Kind.MLP_CHANNEL.value, li) and kname != Kind.ATTN_BLOCK.value:
+            continue
+        if kname != Kind.MLP_BLOCK.value and _would_remove_all_attention(drop, li, space):
+            continue
+        drop[kname][li][0] = True
+        removed += float(cost[i])
+    return removed
+
+
+def _would_remove_all_attention(drop, li: int, space: UnitSpace) -> bool:
+    alive = [
+        i
+        for i in range(space.n_layers)
+        if space.layers[i].n_groups and not _layer_gone(drop, Kind.ATTN_GROUP.value, i)
+    ]
+    return alive == [li]
+
+
+def _select_global(scores, space, budget, fine, drop) -> float:
+    return _greedy(_unit_table(scores, space, fine, drop), budget, drop, fine)
+
+
+def _select_uniform(scores, space, budget, fine, drop) -> float:
+    """Same count per layer for each kind; groups take their share, channels land the target."""
+    removed = 0.0
+    share = budget / max(1, sum(_available_cost(space, k, drop) for k in fine))
+    for kind in fine:
+        layers = [i for i, n in enumerate(space.n_units(kind)) if n and not _layer_gone(drop, kind, i)]
+        if not layers:
+            continue
+        costs = space.unit_costs(kind)
+        last = kind == fine[-1]
+        want = (
+            (budget - removed) if last else min(budget - removed, share * _available_cost(space, kind, drop))
+        )
+        # count per layer: floor for non-final kinds (never overshoot), then channels fill the remainder
+        one_each = sum(costs[i] for i in layers)  # removing one unit of this kind in every layer
+        count = _fit_count(kind, layers, costs, want, space) if last else int(want // one_each)
+        for i in layers:
+            n = space.n_units(kind)[i]
+            k = min(count, n)
+            idx = torch.argsort(scores[kind][i].float(), stable=True)[:k]
+            drop[kind][i][idx] = True
+            removed += k * costs[i]
+        if last and removed < budget:  # per-layer ±1: the lowest-scoring next units go
+            removed += _greedy(_unit_table(scores, space, (kind,), drop), budget - removed, drop, (kind,))
+    return removed
+
+
+def _fit_count(kind, layers, costs, want, space) -> int:
+    """Largest uniform count whose removal stays within `want` (the rest is topped up one unit at a time)."""
+    count = 0
+    while (
+        count < max(space.n_units(kind))
+        and sum(min(count + 1, space.n_units(kind)[i]) * costs[i] for i in layers) <= want + 1e-6
+    ):
+        count += 1
+    return count
+
+
+def _available_cost(space: UnitSpace, kind: str, drop) -> float:
+    costs, counts = space.unit_costs(kind), space.n_units(kind)
+    return float(sum(costs[i] * counts[i] for i in range(space.n_layers) if not _layer_gone(drop, kind, i)))
+
+
+def _kept(drop_row: torch.Tensor) -> list[int]:
+    return torch.nonzero(~drop_row).flatten().tolist()
+
+
+def _to_plan(space: UnitSpace, drop) -> Plan:
+    layers = []
+    for i in range(space.n_layers):
+        gone_layer = bool(drop[Kind.LAYER.value][i])
+        drop_attn = gone_layer or bool(drop[Kind.ATTN_BLOCK.value][i])
+        drop_mlp = gone_layer or bool(drop[Kind.MLP_BLOCK.value][i])
+        layers.append(
+            LayerPlan(
+                keep_groups=None if drop_attn else _kept(drop[Kind.ATTN_GROUP.value][i]),
+                keep_channels=None if drop_mlp else _kept(drop[Kind.MLP_CHANNEL.value][i]),
+                drop_attn=drop_attn,
+                drop_mlp=drop_mlp,
+            )
+        )
+    return Plan(layers).canonical(space)
