@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from secateurs.methods.base import MetricMethod, UnitScores, register
+from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
 from secateurs.methods.weights import group_rows
 from secateurs.units.space import UnitSpace
 
@@ -44,10 +46,20 @@ def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
     )
 
 
+@dataclass
+class MagnitudeConfig(MethodConfig):
+    # Raw magnitudes of heads and channels are not on one scale, so global allocation mostly measures
+    # which kind has smaller weights; the same fraction per layer is the meaningful default.
+    allocation: str = field(
+        default="uniform", metadata={"help": "uniform: same count per layer; global: anywhere"}
+    )
+
+
 @register
 class Magnitude(MetricMethod):
     name = "magnitude"
     description = "mean |weight| per unit; data-free baseline"
+    config_class = MagnitudeConfig
 
     def scores(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> UnitScores:
         return magnitude_scores(model, space)

@@ -1,0 +1,120 @@
+"""Timing and memory for reports, and speed of dense vs pruned models measured side by side."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (what the OS had to give it)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+@dataclass
+class Measured:
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    cuda_peak_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@contextmanager
+def measure() -> Iterator[Measured]:
+    """Wall time and peak memory of a block (RSS is the process peak; CUDA peak is reset at entry)."""
+    m = Measured()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            m.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        m.seconds = time.perf_counter() - t0
+        m.peak_rss_mb = peak_rss_mb()
+
+
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds per token in linear layers (lm_head included): the bound on a pruning speed-up.
+
+    Attention score/value products are left out; they are small next to the projections at short
+    context and shrink in proportion to the kept heads.
+    """
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def _prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
+    _sync(ids.device)
+    t0 = time.perf_counter()
+    model(ids, use_cache=False, logits_to_keep=1)
+    _sync(ids.device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def _decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per generated token with a KV cache; the prompt's prefill happens before the clock starts."""
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    return (time.perf_counter() - t0) / new_tokens
+
+
+def bench_speed(
+    models: dict[str, nn.Module],
+    prompt_len: int = 256,
+    batch: int = 1,
+    new_tokens: int = 32,
+    repeats: int = 5,
+    vocab: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Prefill tokens/s and decode tokens/s for each model, runs interleaved so drift hits all alike.
+
+    The first run of each model is a warm-up and is discarded; the median of `repeats` is reported.
+    """
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    vocab = vocab or first.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)).to(
+        device
+    )
+    times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in models}
+    for r in range(repeats + 1):
+        for name, model in models.items():
+            p = _prefill_seconds(model, ids)
+            d = _decode_seconds(model, ids[:, : min(prompt_len, 32)], new_tokens)
+            if r:  # run 0 is warm-up
+                times[name]["prefill"].append(p)
+                times[name]["decode"].append(d)
+    return {
+        name: {
+            "prefill_tok_s": batch * prompt_len / statistics.median(t["prefill"]),
+            "decode_tok_s": batch / statistics.median(t["decode"]),
+            "macs_per_token": linear_macs_per_token(models[name]),
+        }
+        for name, t in times.items()
+    }
