@@ -1,0 +1,140 @@
+"""FLAP: fluctuation of a unit's input, times its weight, with the removed mean folded into a bias.
+
+Why: a unit whose input barely varies over the data carries almost no information; its output is close
+to a constant, `W[:, j] * mean(X_j)`, which a bias can replace. So the damage of removing unit j is the
+part of its output that a constant cannot explain: the sample variance of X_j times `||W[:, j]||^2`.
+The constant part is then added back as an output bias ("bias compensation"); without it FLAP would drop
+low-variance, high-mean channels and be worse than Wanda-sp.
+
+Scores, exactly (X = the input of `o_proj` / `down_proj` over all calibration tokens):
+- column fluctuation `f_j = var(X_j) * ||W[:, j]||_2^2` (sample variance, divides by tokens - 1);
+- standardised per module: the columns of one layer's `o_proj` are z-scored across that module's
+  columns, and likewise `down_proj`'s (ALGORITHMS.md: never z-score only the 3 group scores of a layer);
+- a GQA group (or head) scores the mean of its query dimensions' standardised scores; an MLP channel its
+  own standardised score; blocks/layers the mean of their units';
+- allocation is global across layers and modules by default.
+
+Compensation, per layer that loses some but not all units of a block: `attn_bias = W_o[:, removed] @
+mean(X[removed])` and `mlp_bias = W_down[:, removed] @ mean(X[removed])`, in the plan's `attn_bias` /
+`mlp_bias`; surgery turns them into real biases and masks apply them, so on the calibration data each
+pruned module's mean output equals the dense one. Where a family has no native bias the correction costs
+`hidden_size` parameters, which the budget pays for (the selection is re-run until removed >= target).
+A block that loses all its units is dropped with no correction (plans define it so).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
+from secateurs.methods.select import select, target_params
+from secateurs.methods.stats import ActivationStats, Moments, collect_stats, with_block_scores
+from secateurs.methods.weights import group_reduce
+from secateurs.units.plan import Plan
+from secateurs.units.space import UnitSpace
+
+log = logging.getLogger(__name__)
+
+
+def fluctuation(weight: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """`var(X_j) * ||W[:, j]||^2` for a weight [out, in] and input sample variances [in] -> [in]."""
+    return var * weight.detach().to(var.dtype).square().sum(dim=0)
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """z-score across all entries of `x` (one module's columns); constant input gives zeros."""
+    std = x.std()
+    return (x - x.mean()) / std if std > 0 else torch.zeros_like(x)
+
+
+def compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """`W[:, removed] @ mean(X[removed])`: the constant output the removed columns used to give [out]."""
+    w = weight.detach().to(mean.dtype)
+    return w[:, removed] @ mean[removed]
+
+
+def flap_scores_from_stats(model: nn.Module, space: UnitSpace, stats: ActivationStats) -> UnitScores:
+    a = space.adapter
+    groups, channels = [], []
+    for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
+        if lu.n_groups:
+            o = a.attn_linears(layer)[3]
+            z = standardise(fluctuation(o.weight, stats.attn[i].var))
+            groups.append(group_reduce(z, lu.geometry).float())
+        else:
+            groups.append(torch.zeros(0))
+        if lu.n_channels:
+            down = a.mlp_linears(layer)[2]
+            channels.append(standardise(fluctuation(down.weight, stats.mlp[i].var)).float())
+        else:
+            channels.append(torch.zeros(0))
+    return UnitScores(with_block_scores(groups, channels, space))
+
+
+def add_compensation_(plan: Plan, model: nn.Module, space: UnitSpace, stats: ActivationStats) -> Plan:
+    """Fill `attn_bias` / `mlp_bias` of each partly pruned block (in place on `plan`, which is returned)."""
+    a = space.adapter
+    for i, (layer, lu, lp) in enumerate(zip(a.decoder_layers(model), space.layers, plan.layers, strict=True)):
+        width = lu.geometry.q_per_kv * lu.geometry.head_dim
+        if not lp.drop_attn and lp.keep_groups is not None:
+            gone = sorted(set(range(lu.n_groups)) - set(lp.keep_groups))
+            cols = (torch.tensor(gone)[:, None] * width + torch.arange(width)).flatten()
+            lp.attn_bias = _as_list(compensation(a.attn_linears(layer)[3].weight, _mean(stats.attn[i]), cols))
+        if not lp.drop_mlp and lp.keep_channels is not None:
+            gone = torch.tensor(sorted(set(range(lu.n_channels)) - set(lp.keep_channels)))
+            lp.mlp_bias = _as_list(compensation(a.mlp_linears(layer)[2].weight, _mean(stats.mlp[i]), gone))
+    return plan
+
+
+def _mean(m: Moments | None) -> torch.Tensor:
+    assert m is not None, "a pruned block must have been seen by the statistics pass"
+    return m.mean.cpu()
+
+
+def _as_list(t: torch.Tensor) -> list[float]:
+    return t.cpu().double().tolist()
+
+
+@dataclass
+class FlapConfig(MethodConfig):
+    bias_correction: bool = field(
+        default=True, metadata={"help": "add W[:, removed] @ mean(X[removed]) to the output bias"}
+    )
+
+
+@register
+class Flap(MetricMethod):
+    name = "flap"
+    description = "input variance x ||W[:,j]||^2, standardised per module, global, with bias compensation"
+    config_class = FlapConfig
+
+    def scores(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> UnitScores:
+        return flap_scores_from_stats(model, space, self._stats(model, space, calib))
+
+    def _stats(self, model, space, calib) -> ActivationStats:
+        return collect_stats(model, calib, space, batch_rows=self.config.batch_rows)
+
+    def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
+        cfg = self.config
+        stats = self._stats(model, space, calib)
+        scores = flap_scores_from_stats(model, space, stats)
+        target = target_params(space, cfg.sparsity)
+        extra = 0
+        # Corrections add `hidden` parameters to blocks without a native bias; pay for them by asking
+        # select() for more, until the plan (biases counted) removes at least the target.
+        for _ in range(2 * space.n_layers + 2):
+            plan = select(scores, space, cfg.sparsity, cfg.allocation, cfg.units, target=target + extra)
+            if cfg.bias_correction:
+                add_compensation_(plan, model, space, stats)
+            removed = space.total_cost - plan.kept_cost(space)
+            if removed >= target:
+                break
+            extra += target - removed
+        plan.method, plan.settings, plan.seed = self.name, cfg.to_dict(), cfg.seed
+        plan.info["budget_added_for_bias_corrections"] = int(extra)
+        log.info("flap: removed %d of %d prunable parameters (target %d)", removed, space.total_cost, target)
+        return plan

@@ -1,0 +1,280 @@
+"""Calibration statistics for the metric methods: one streaming forward pass, constant memory.
+
+What the activation metrics need is the input of each output projection, because that is where a unit's
+contribution enters the residual stream: `o_proj`'s input column j is one query-head dimension, and
+`down_proj`'s input column j is one MLP channel (`act(gate) * up`). Per column we keep count, mean and the
+sum of squared deviations (Chan/Welford merge in float64), so mean, sample variance and L2 norm follow
+and memory does not grow with the number of calibration tokens.
+
+Optionally the pass also measures block influence (ShortGPT): the mean over tokens of `1 - cos(h_in,
+h_out)` for each decoder layer, and the same for its two blocks (attention: `h_in` -> `h_in + attn`,
+MLP: `h_in + attn` -> `h_out`).
+
+The maths (`Moments`, `one_minus_cos`) is plain tensor code; `input_moments` and `collect_stats` are the
+hook wiring around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.units.space import UnitSpace
+
+log = logging.getLogger(__name__)
+
+ACC_DTYPE = torch.float64  # statistics of ~1e5-1e6 tokens: float32 sums lose digits
+
+
+# -- plain tensor maths ------------------------------------------------------------------------------
+@dataclass
+class Moments:
+    """Running per-column statistics of rows `x[..., d]`: count, mean, M2 (sum of squared deviations).
+
+    Batches are merged with Chan et al.'s parallel update, which is exact and numerically stable; the
+    sum and sum of squares follow from these, so nothing grows with the number of rows.
+    """
+
+    count: int = 0
+    mean: torch.Tensor | None = None  # [d], float64
+    m2: torch.Tensor | None = None  # [d], float64
+
+    def update(self, x: torch.Tensor) -> Moments:
+        x = x.detach().reshape(-1, x.shape[-1]).to(ACC_DTYPE)
+        n_b = x.shape[0]
+        if n_b == 0:
+            return self
+        mean_b = x.mean(dim=0)
+        m2_b = (x - mean_b).square().sum(dim=0)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return self
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / n)
+        self.count = n
+        return self
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.mean * self.count
+
+    @property
+    def sum_sq(self) -> torch.Tensor:
+        return self.m2 + self.mean.square() * self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Sample variance (divides by count - 1), as FLAP's fluctuation uses."""
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """||X_j||_2 over all rows seen: the activation norm in Wanda's score."""
+        return self.sum_sq.clamp_min(0).sqrt()
+
+
+def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row `1 - cos(a, b)` over the last dimension, in float64; [..., d] -> [...]."""
+    return 1.0 - torch.nn.functional.cosine_similarity(a.to(ACC_DTYPE), b.to(ACC_DTYPE), dim=-1, eps=1e-12)
+
+
+@dataclass
+class RunningMean:
+    """A scalar mean over many rows, accumulated in float64."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        self.total += float(x.sum())
+        self.count += x.numel()
+
+    @property
+    def value(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+# -- hook wiring -------------------------------------------------------------------------------------
+@contextmanager
+def input_moments(modules: Mapping[object, nn.Module]) -> Iterator[dict[object, Moments]]:
+    """Inside the block, every forward of `modules[key]` adds its input's columns to `stats[key]`.
+
+    Example::
+
+        lin = nn.Linear(2, 1)
+        with input_moments({"x": lin}) as stats:
+            lin(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        stats["x"].mean  # tensor([2., 3.], dtype=torch.float64)
+    """
+    stats = {key: Moments() for key in modules}
+    handles = []
+
+    def make_hook(key):
+        def hook(_module, args):
+            stats[key].update(args[0])
+
+        return hook
+
+    try:
+        for key, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make_hook(key)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Influence:
+    """Mean `1 - cos` per layer for the whole layer and for each of its blocks ([n_layers] each)."""
+
+    layer: torch.Tensor
+    attn_block: torch.Tensor
+    mlp_block: torch.Tensor
+
+
+@contextmanager
+def block_influence_hooks(model: nn.Module, space: UnitSpace) -> Iterator[list[dict[str, RunningMean]]]:
+    """Accumulate `1 - cos` of the residual stream across each decoder layer and each block.
+
+    Hooks: a pre-hook on the decoder layer captures `h_in`, a hook on the attention module its output
+    (so `h_mid = h_in + attn_out`), and a hook on the decoder layer `h_out`.
+    """
+    a = space.adapter
+    acc = [{k: RunningMean() for k in ("layer", "attn_block", "mlp_block")} for _ in space.layers]
+    handles = []
+
+    def first(x):
+        return x[0] if isinstance(x, tuple | list) else x
+
+    def make(i):
+        state: dict[str, torch.Tensor] = {}
+
+        def pre(_module, args, kwargs):
+            state["in"] = args[0] if args else kwargs["hidden_states"]
+
+        def attn_out(_module, _args, out):
+            state["mid"] = state["in"] + first(out)
+
+        def post(_module, _args, _kwargs, out):
+            h_in, h_out = state.pop("in"), first(out)
+            h_mid = state.pop("mid", h_in)
+            acc[i]["layer"].update(one_minus_cos(h_in, h_out))
+            acc[i]["attn_block"].update(one_minus_cos(h_in, h_mid))
+            acc[i]["mlp_block"].update(one_minus_cos(h_mid, h_out))
+
+        return pre, attn_out, post
+
+    try:
+        for i, layer in enumerate(a.decoder_layers(model)):
+            pre, attn_out, post = make(i)
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(a.attention(layer).register_forward_hook(attn_out))
+            handles.append(layer.register_forward_hook(post, with_kwargs=True))
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class ActivationStats:
+    """Per layer: moments of `o_proj`'s input (attn) and `down_proj`'s input (mlp); None where absent."""
+
+    attn: list[Moments | None]
+    mlp: list[Moments | None]
+    influence: Influence | None = None
+    tokens: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def collect_stats(
+    model: nn.Module,
+    calib: torch.Tensor,
+    space: UnitSpace | None = None,
+    batch_rows: int = 8,
+    activations: bool = True,
+    influence: bool = False,
+) -> ActivationStats:
+    """One forward pass over the calibration windows `calib` ([N, T] token ids), in `batch_rows` rows.
+
+    `activations` gathers the output-projection input moments; `influence` the block-influence cosines.
+    """
+    space = space or UnitSpace.from_model(model)
+    a = space.adapter
+    device = next(model.parameters()).device
+    attn_mods, mlp_mods = {}, {}
+    if activations:
+        for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
+            if lu.geometry.has_attn:
+                attn_mods[i] = a.attn_linears(layer)[3]
+            if lu.geometry.has_mlp:
+                mlp_mods[i] = a.mlp_linears(layer)[2]
+    n = calib.shape[0]
+    step = max(1, batch_rows)
+    with (
+        torch.inference_mode(),
+        input_moments(attn_mods) as attn_stats,
+        input_moments(mlp_mods) as mlp_stats,
+        _maybe(influence, lambda: block_influence_hooks(model, space)) as infl,
+    ):
+        for s in tqdm(range(0, n, step), desc="calibration statistics", unit="batch", leave=False):
+            model.get_decoder()(input_ids=calib[s : s + step].to(device), use_cache=False)
+    result = ActivationStats(
+        attn=[attn_stats.get(i) for i in range(space.n_layers)],
+        mlp=[mlp_stats.get(i) for i in range(space.n_layers)],
+        tokens=int(calib.numel()),
+    )
+    if infl is not None:
+        result.influence = Influence(
+            *(
+                torch.tensor([acc[k].value for acc in infl], dtype=ACC_DTYPE)
+                for k in ("layer", "attn_block", "mlp_block")
+            )
+        )
+    log.info("calibration statistics over %d windows x %d tokens", n, calib.shape[1])
+    return result
+
+
+@contextmanager
+def _maybe(flag: bool, factory):
+    if not flag:
+        yield None
+        return
+    with factory() as x:
+        yield x
+
+
+# -- assembling per-unit scores ----------------------------------------------------------------------
+def with_block_scores(
+    groups: list[torch.Tensor], channels: list[torch.Tensor], space: UnitSpace
+) -> dict[str, list[torch.Tensor]]:
+    """Fine scores plus coarse ones derived from them, on the same per-parameter scale.
+
+    A block's score is the mean of its units' scores (its units all cost the same); a layer's is the
+    cost-weighted mean of its two blocks, i.e. the mean per parameter. Methods with a real block metric
+    (block influence) do not use this.
+    """
+    attn_b, mlp_b, layer_b = [], [], []
+    for g, c, lu in zip(groups, channels, space.layers, strict=True):
+        a = g.float().mean().reshape(1) if g.numel() else torch.zeros(1)
+        m = c.float().mean().reshape(1) if c.numel() else torch.zeros(1)
+        wa, wm = lu.n_groups * lu.group_cost, lu.n_channels * lu.channel_cost
+        attn_b.append(a)
+        mlp_b.append(m)
+        layer_b.append((a * wa + m * wm) / max(wa + wm, 1))
+    return {
+        "attn_group": [g.float() for g in groups],
+        "mlp_channel": [c.float() for c in channels],
+        "attn_block": attn_b,
+        "mlp_block": mlp_b,
+        "layer": layer_b,
+    }
