@@ -64,12 +64,13 @@ def _unit_table(scores, space: UnitSpace, kinds, drop) -> tuple[torch.Tensor, ..
         for layer, n in enumerate(space.n_units(kind)):
             if n == 0 or _layer_gone(drop, kind, layer):
                 continue
-            sc = scores[kind][layer].float()
-            s.append(sc)
-            c.append(torch.full((n,), costs[layer], dtype=torch.float64))
-            k.append(torch.full((n,), ki))
-            la.append(torch.full((n,), layer))
-            u.append(torch.arange(n))
+            avail = ~drop[kind][layer]  # units already dropped (uniform's first pass) are not offered again
+            m = int(avail.sum())
+            s.append(scores[kind][layer].float()[avail])
+            c.append(torch.full((m,), costs[layer], dtype=torch.float64))
+            k.append(torch.full((m,), ki))
+            la.append(torch.full((m,), layer))
+            u.append(torch.arange(n)[avail])
     if not s:
         return tuple(torch.zeros(0) for _ in range(5))
     return tuple(torch.cat(x) for x in (s, c, k, la, u))
