@@ -205,10 +205,14 @@ def cmd_prune(args) -> int:
 
 
 def _all_method_fields() -> set[str]:
+    """Settings that belong to some method only (not shared, not data settings)."""
     from secateurs.methods.base import MethodConfig
+    from secateurs.pipeline import DataConfig
 
-    base = {f.name for f in dataclasses.fields(MethodConfig)}
-    return {f.name for c in _method_config_classes() for f in dataclasses.fields(c)} - base
+    shared = {f.name for f in dataclasses.fields(MethodConfig)} | {
+        f.name for f in dataclasses.fields(DataConfig)
+    }
+    return {f.name for c in _method_config_classes() for f in dataclasses.fields(c)} - shared
 
 
 def _print_summary(record: dict, out) -> None:
@@ -259,6 +263,29 @@ def _print_summary(record: dict, out) -> None:
     print(f"data: {r['split']}")
     if out:
         print(f"saved to {out}  (plan.json records the plan, settings, seed and versions)")
+
+
+def cmd_apply(args) -> int:
+    from secateurs.surgery.apply import apply_plan_
+    from secateurs.surgery.saving import check_output_dir, plan_record, save_pruned
+    from secateurs.units.plan import Plan
+    from secateurs.units.space import UnitSpace, count_parameters
+
+    plan = Plan.load(args.plan)
+    check_output_dir(args.out, args.overwrite)
+    model, tok, _ = _load(args)
+    space = UnitSpace.from_model(model)
+    plan = plan.canonical(space)  # a plan for another model fails here, before anything is written
+    dense_params = count_parameters(model)
+    apply_plan_(model, plan)
+    record = plan_record(plan, dense_params, space.total_cost, model)
+    save_pruned(model, args.out, plan, tok, overwrite=args.overwrite, record=record)
+    p = record["parameters"]
+    print(
+        f"applied {args.plan} ({plan.method}): sparsity {p['sparsity']:.2%} of attn+MLP, "
+        f"{p['total_removed_share']:.2%} of all parameters; saved to {args.out}"
+    )
+    return 0
 
 
 def cmd_compare(args) -> int:
@@ -331,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     _setup_common(be)
     be.set_defaults(func=cmd_bench)
+
+    ap = sub.add_parser("apply", help="apply a saved plan.json to a model and save the result")
+    ap.add_argument("model")
+    ap.add_argument("--plan", required=True, help="plan.json written by a previous prune")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    _setup_common(ap)
+    ap.set_defaults(func=cmd_apply)
 
     inf = sub.add_parser("info", help="prunable units per layer, their costs and totals")
     inf.add_argument("model")

@@ -17,14 +17,14 @@ from secateurs.units.space import UnitSpace
 FAMILIES = ("llama", "llama-mha-bias", "mistral", "qwen2", "qwen3")
 
 
-def tiny_config(family: str = "llama", layers: int = 4):
+def tiny_config(family: str = "llama", layers: int = 4, vocab_size: int = 96):
     common = dict(
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=96,
+        vocab_size=vocab_size,
         max_position_embeddings=128,
         initializer_range=0.2,
         tie_word_embeddings=False,
@@ -49,9 +49,12 @@ def tiny_config(family: str = "llama", layers: int = 4):
     return cfg
 
 
-def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0) -> transformers.PreTrainedModel:
+def tiny_model(
+    family: str = "llama", layers: int = 4, seed: int = 0, vocab_size: int = 96
+) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32)
+    config = tiny_config(family, layers, vocab_size)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # biases start at zero in HF init; make them matter
         for name, p in model.named_parameters():
             if name.endswith(".bias"):

@@ -1,0 +1,144 @@
+"""The CLI end to end on a tiny model, and every bad input: one line, exit 2, nothing written."""
+
+import json
+
+import pytest
+import torch
+
+from secateurs.cli import main
+
+SMALL = [
+    "--nsamples",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-seq-len",
+    "32",
+    "--eval-tokens",
+    "256",
+    "--device",
+    "cpu",
+]
+
+
+def _prune(model, text, out, *extra):
+    return main(
+        ["prune", str(model), "--calib", str(text), "--eval", str(text), "--out", str(out), *SMALL, *extra]
+    )
+
+
+def test_prune_end_to_end_then_reload_and_apply(tiny_dir, tmp_path, capsys):
+    model, text = tiny_dir
+    out = tmp_path / "out"
+    assert _prune(model, text, out, "--method", "magnitude", "--sparsity", "0.3", "--json") == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "per-layer shape" in printed
+    record = json.loads((out / "plan.json").read_text())
+    assert 0.3 <= record["parameters"]["sparsity"] < 0.3 + 0.01
+    assert record["method"] == "magnitude" and record["versions"]["torch"] == torch.__version__
+    assert record["report"]["pruned_eval"]["tokens"] == 256
+
+    assert main(["eval", str(out), "--data", str(text), "--seq-len", "32", "--eval-tokens", "256"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    # the saved plan applied to the dense model gives the same model
+    again = tmp_path / "again"
+    assert main(["apply", str(model), "--plan", str(out / "plan.json"), "--out", str(again)]) == 0
+    a = json.loads((again / "config.json").read_text())
+    b = json.loads((out / "config.json").read_text())
+    assert a.get("secateurs") == b.get("secateurs") and a["intermediate_size"] == b["intermediate_size"]
+
+
+def test_info_and_methods(tiny_dir, capsys):
+    model, _ = tiny_dir
+    assert main(["info", str(model)]) == 0
+    assert "prunable parameters" in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    assert "magnitude" in capsys.readouterr().out
+
+
+def _assert_one_line_error(capsys, pattern):
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("secateurs:")]
+    assert len(ours) == 1 and ours[0].startswith("secateurs: error:") and "Traceback" not in err
+    assert pattern in ours[0], err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    assert _prune(tmp_path / "nope", tmp_path / "t.txt", tmp_path / "out") == 2
+    _assert_one_line_error(capsys, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path, tiny_dir, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, text = tiny_dir
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    assert _prune(tmp_path / "gpt2", text, tmp_path / "out") == 2
+    _assert_one_line_error(capsys, "unsupported architecture")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
+def test_sparsity_outside_open_interval(tiny_dir, tmp_path, capsys, value):
+    model, text = tiny_dir
+    assert _prune(model, text, tmp_path / "out", "--sparsity", value) == 2
+    _assert_one_line_error(capsys, "sparsity must be in (0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_that_removes_every_unit(tiny_dir, tmp_path, capsys):
+    model, text = tiny_dir
+    assert _prune(model, text, tmp_path / "out", "--units", "attn_group", "--sparsity", "0.9") == 2
+    _assert_one_line_error(capsys, "remove every unit")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["", "too short."])
+def test_empty_or_too_short_text(tiny_dir, tmp_path, capsys, content):
+    model, _ = tiny_dir
+    short = tmp_path / "short.txt"
+    short.write_text(content)
+    assert _prune(model, short, tmp_path / "out") == 2
+    _assert_one_line_error(capsys, "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_dir_needs_overwrite(tiny_dir, tmp_path, capsys):
+    model, text = tiny_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert _prune(model, text, out, "--sparsity", "0.2") == 2
+    _assert_one_line_error(capsys, "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert _prune(model, text, out, "--sparsity", "0.2", "--overwrite") == 0
+    assert not (out / "precious.txt").exists() and (out / "plan.json").exists()
+
+
+def test_plan_that_does_not_match_the_model(tiny_dir, tmp_path, capsys):
+    model, text = tiny_dir
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"method": "manual", "layers": [{"keep_groups": [0]}] * 7}))
+    assert main(["apply", str(model), "--plan", str(plan), "--out", str(tmp_path / "out")]) == 2
+    _assert_one_line_error(capsys, "plan has 7 layers but the model has 4")
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        main(["--debug", "prune", str(tmp_path / "nope")])
+
+
+def test_setting_of_another_method_is_refused(tiny_dir, tmp_path, capsys):
+    from secateurs.methods.base import REGISTRY
+
+    model, text = tiny_dir
+    if len({c.config_class for c in REGISTRY.values()}) < 3:
+        pytest.skip("needs a method with its own settings")
+    own = {f for c in REGISTRY.values() for f in c.config_class.__dataclass_fields__} - set(
+        REGISTRY["random"].config_class.__dataclass_fields__
+    )
+    opt = "--" + sorted(own)[0].replace("_", "-")
+    assert _prune(model, text, tmp_path / "out", "--method", "random", opt, "1") in (2,)
