@@ -3,13 +3,27 @@ from pathlib import Path
 
 import pytest
 
+_REAL_CACHE = os.environ.get("SECATEURS_CACHE")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests write their caches under a temp dir, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SECATEURS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
 
 @pytest.fixture(autouse=True)
-def _isolated_cache_and_no_litter(request, tmp_path_factory, monkeypatch):
-    """Point the cache at a temp dir (slow tests keep the real one, so the default model converts once),
-    and fail a test that leaves files behind in the working directory."""
-    if request.node.get_closest_marker("slow") is None:
-        monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path_factory.mktemp("cache")))
+def _real_cache_for_slow_tests_and_no_litter(request, monkeypatch):
+    """Slow tests use the real cache, so the default model is converted once per machine; any test
+    that leaves files behind in the working directory fails."""
+    if request.node.get_closest_marker("slow") is not None:
+        if _REAL_CACHE is None:
+            monkeypatch.delenv("SECATEURS_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("SECATEURS_CACHE", _REAL_CACHE)
     before = set(os.listdir(Path.cwd()))
     yield
     left = set(os.listdir(Path.cwd())) - before
