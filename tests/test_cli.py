@@ -142,3 +142,63 @@ def test_setting_of_another_method_is_refused(tiny_dir, tmp_path, capsys):
     )
     opt = "--" + sorted(own)[0].replace("_", "-")
     assert _prune(model, text, tmp_path / "out", "--method", "random", opt, "1") in (2,)
+
+
+def test_compare_runs_each_method_in_its_own_process_and_caches(tiny_dir, tmp_path, capsys):
+    model, text = tiny_dir
+    res = tmp_path / "res"
+    argv = [
+        "compare",
+        str(model),
+        "--methods",
+        "magnitude,random",
+        "--sparsity",
+        "0.3",
+        "--results",
+        str(res),
+        "--device",
+        "cpu",
+        "--calib",
+        str(text),
+        "--eval",
+        str(text),
+        *SMALL[:-2],
+    ]
+    assert main(argv) == 0
+    rows = json.loads((res / "compare.json").read_text())
+    assert [(r["method"], r["target"]) for r in rows] == [
+        ("magnitude", 0.3),
+        ("random", 0.3),
+    ]
+    for r in rows:
+        assert r["target"] - 1e-9 <= r["sparsity_attn_mlp"] < r["target"] + 0.01
+        assert r["ppl"] > 0 and r["peak_rss_mb"] > 0 and r["eval_tokens"] == 256
+    assert "| magnitude | 30% |" in (res / "compare.md").read_text()
+    first = (res / "compare.json").read_text()
+    assert main(argv) == 0  # cached: same figures, no new processes needed
+    assert (res / "compare.json").read_text() == first
+
+
+def test_a_method_registered_in_a_test_is_usable_from_the_cli(tiny_dir, tmp_path, capsys):
+    from secateurs.methods.base import REGISTRY, register
+    from secateurs.methods.magnitude import Magnitude
+
+    @register
+    class Reverse(Magnitude):
+        name = "reverse-magnitude"
+        description = "test-only: drops the largest weights first"
+
+        def scores(self, model, space, calib):
+            s = super().scores(model, space, calib)
+            return type(s)({k: [-t for t in v] for k, v in s.scores.items()})
+
+    try:
+        model, text = tiny_dir
+        assert main(["methods"]) == 0
+        assert "reverse-magnitude" in capsys.readouterr().out
+        assert (
+            _prune(model, text, tmp_path / "out", "--method", "reverse-magnitude", "--sparsity", "0.25") == 0
+        )
+        assert json.loads((tmp_path / "out" / "plan.json").read_text())["method"] == "reverse-magnitude"
+    finally:
+        REGISTRY.pop("reverse-magnitude", None)

@@ -127,15 +127,20 @@ def run_prune(
     calib = calibration_windows(tokenizer, data)
     ev, ev_fp = evaluation_windows(tokenizer, data) if evaluate else (None, None)
     report: dict[str, Any] = {"model": model_name, "data": asdict(data), "split": data.describe()}
-    if evaluate:
-        key = {"model": model_name, "eval": ev_fp, "seq_len": data.eval_seq_len, "tokens": int(ev.numel())}
-        key["dtype"] = str(next(model.parameters()).dtype)
-        report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
+    # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
     with measure() as m:
         plan = make_plan(model, method, config, calib)
     report["method_time_s"], report["method_peak_rss_mb"] = m.seconds, m.peak_rss_mb
     if m.cuda_peak_mb is not None:
         report["method_cuda_peak_mb"] = m.cuda_peak_mb
+    report["calib_tokens"] = int(calib.numel())
+    # Methods that run sub-model forwards record them in plan.info; metric methods use one calibration pass.
+    report["forwards"] = plan.info.get("forwards")
+    report["tokens"] = plan.info.get("tokens", int(calib.numel()))
+    if evaluate:
+        key = {"model": model_name, "eval": ev_fp, "seq_len": data.eval_seq_len, "tokens": int(ev.numel())}
+        key["dtype"] = str(next(model.parameters()).dtype)
+        report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
     apply_plan_(model, plan)
     if evaluate:
         report["pruned_eval"] = perplexity(model, ev, batch_size)
