@@ -196,9 +196,10 @@ def _kept(drop_row: torch.Tensor) -> list[int]:
 def _to_plan(space: UnitSpace, drop) -> Plan:
     layers = []
     for i in range(space.n_layers):
-        gone_layer = bool(drop[Kind.LAYER.value][i])
-        drop_attn = gone_layer or bool(drop[Kind.ATTN_BLOCK.value][i])
-        drop_mlp = gone_layer or bool(drop[Kind.MLP_BLOCK.value][i])
+        # .any(): a block already removed from the model has no unit (an empty row)
+        gone_layer = bool(drop[Kind.LAYER.value][i].any())
+        drop_attn = gone_layer or bool(drop[Kind.ATTN_BLOCK.value][i].any())
+        drop_mlp = gone_layer or bool(drop[Kind.MLP_BLOCK.value][i].any())
         layers.append(
             LayerPlan(
                 keep_groups=None if drop_attn else _kept(drop[Kind.ATTN_GROUP.value][i]),
