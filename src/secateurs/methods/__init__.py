@@ -2,6 +2,7 @@
 
 from secateurs.methods import (
     block_influence,  # noqa: F401
+    bonsai,  # noqa: F401
     flap,  # noqa: F401
     magnitude,  # noqa: F401
     policy_gradient,  # noqa: F401

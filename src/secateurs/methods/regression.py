@@ -1,0 +1,243 @@
+"""Bonsai's estimator: from sub-model keep-masks and their losses to per-unit importances. No model here.
+
+Given `S` sub-models described by binary keep vectors over `F` regression features (a feature is one
+unit, or a bundle of units that are always kept or dropped together) and their losses, fit
+
+    -loss(mask) ~ intercept + sum_f keep_f * beta_f
+
+so `beta_f` is the loss increase when feature f is dropped (higher = keep). Targets are `-loss`,
+capped at `cap` robust standard deviations and mean-centred (one broken sub-model must not steer the fit).
+
+The fit is anchored at the prior, the closed-form counterpart of the reference's "initialise the
+coefficients at the normalised prior, then train with a penalty":
+
+1. Anchor: `beta = c_g * prior_f` with one non-negative scale `c_g` per feature group (attention /
+   MLP), fitted by non-negative least squares. This calibrates how the prior's scale compares across
+   unit kinds: two numbers, well determined by a few dozen sub-models.
+2. Correction: the residual is regressed on the masks with an L2 (ridge, closed form, default) or L1
+   (`sklearn.linear_model.Lasso`) penalty, so the penalty shrinks towards the scaled prior rather than
+   towards zero. The penalty `alpha` is relative: for L2 it multiplies the mean diagonal of `X^T X`; for
+   L1 it is a fraction of the smallest penalty that zeroes every correction. `alpha = inf` is the
+   anchored prior alone and is always a candidate, so cross-validation falls back to the prior when
+   the masks carry no information.
+3. `alpha` is chosen by k-fold cross-validation on Kendall's tau between out-of-fold predictions and
+   the observed targets. Antithetic pairs stay in one fold.
+
+The returned taus say whether the estimate is informative: `tau` overall, `tau_prior` for the anchored
+prior alone, and per feature group a partial-residual tau: the group's part of the out-of-fold
+prediction against the target minus the other groups' parts (about 0 when the group's coefficients
+carry no information).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import nnls
+from scipy.stats import kendalltau
+
+PENALTIES = ("l2", "l1")
+DEFAULT_ALPHAS = {
+    "l2": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),  # x mean diagonal of X^T X
+    "l1": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),  # x alpha_max (the penalty that zeroes every correction)
+}
+
+
+@dataclass
+class RegressionFit:
+    """Coefficients per feature (loss increase when dropped; higher = keep) and how good they are."""
+
+    coef: np.ndarray
+    intercept: float
+    alpha: float  # chosen relative penalty; inf = anchored prior only
+    tau: float  # out-of-fold Kendall tau of the chosen fit (nan when undefined)
+    tau_prior: float  # same for the anchored prior alone
+    tau_groups: dict[str, float]  # partial-residual tau per feature group
+    taus: dict[float, float]  # out-of-fold tau per candidate alpha
+    scales: dict[str, float]  # anchor scale c_g per feature group (full-data fit)
+    folds: int
+    samples: int
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """JSON-friendly figures for `Plan.info`."""
+
+        def f(x: float) -> float | None:
+            return None if x is None or not math.isfinite(x) else round(float(x), 4)
+
+        return {
+            "tau": f(self.tau),
+            "tau_prior": f(self.tau_prior),
+            "tau_groups": {k: f(v) for k, v in self.tau_groups.items()},
+            "alpha": "prior-only" if math.isinf(self.alpha) else self.alpha,
+            "taus": {("prior-only" if math.isinf(a) else str(a)): f(t) for a, t in self.taus.items()},
+            "scales": {k: float(f"{v:.4g}") for k, v in self.scales.items()},
+            "folds": self.folds,
+            "samples": self.samples,
+        }
+
+
+def prepare_targets(losses: np.ndarray, cap: float = 3.0) -> np.ndarray:
+    """`-loss`, capped at `cap` robust standard deviations around the median (0 = no cap), mean-centred.
+
+    The scale is 1.4826 x the median absolute deviation (the standard deviation itself would be inflated
+    by the very outliers it should cap); the plain standard deviation when the MAD is 0.
+    """
+    y = -(np.asarray(losses, dtype=np.float64))
+    if cap > 0 and len(y) > 2:
+        med = float(np.median(y))
+        sd = 1.4826 * float(np.median(np.abs(y - med))) or float(y.std())
+        if sd > 0:
+            y = np.clip(y, med - cap * sd, med + cap * sd)
+    return y - y.mean()
+
+
+def kendall(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b; nan when either side is constant."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(kendalltau(a, b).statistic)
+
+
+def _group_index(groups, n_features: int) -> tuple[list[str], np.ndarray]:
+    if groups is None:
+        return ["all"], np.zeros(n_features, dtype=np.int64)
+    groups = np.asarray(groups)
+    names = list(dict.fromkeys(groups.tolist()))
+    return [str(n) for n in names], np.array([names.index(g) for g in groups.tolist()], dtype=np.int64)
+
+
+@dataclass
+class _Model:
+    coef: np.ndarray
+    x_mean: np.ndarray
+    y_mean: float
+    scales: np.ndarray
+
+    def parts(self, x: np.ndarray, gidx: np.ndarray, n_groups: int) -> np.ndarray:
+        """Per-group contributions to the centred prediction: [S, n_groups]."""
+        xc = x - self.x_mean
+        return np.stack([xc[:, gidx == g] @ self.coef[gidx == g] for g in range(n_groups)], axis=1)
+
+
+def _fit_one(
+    x: np.ndarray,
+    y: np.ndarray,
+    prior: np.ndarray,
+    gidx: np.ndarray,
+    n_groups: int,
+    penalty: str,
+    alpha: float,
+    seed: int,
+) -> _Model:
+    x_mean, y_mean = x.mean(axis=0), float(y.mean())
+    xc, yc = x - x_mean, y - y_mean
+    # 1. anchor: one non-negative scale per group on the prior
+    z = np.stack([xc[:, gidx == g] @ prior[gidx == g] for g in range(n_groups)], axis=1)
+    usable = np.abs(z).sum(axis=0) > 0
+    scales = np.zeros(n_groups)
+    if usable.any():
+        scales[usable] = nnls(z[:, usable], yc)[0]
+    base = scales[gidx] * prior
+    r = yc - xc @ base
+    # 2. penalised correction of the residual
+    delta = np.zeros_like(base)
+    if math.isfinite(alpha):
+        if penalty == "l2":
+            lam = alpha * max(float((xc**2).sum()) / xc.shape[1], 1e-12)
+            gram = xc @ xc.T  # dual form: S x S, cheap when features outnumber samples
+            delta = xc.T @ np.linalg.solve(gram + lam * np.eye(len(y)), r)
+        else:
+            from sklearn.linear_model import Lasso
+
+            alpha_max = float(np.abs(xc.T @ r).max()) / len(y)
+            if alpha_max > 0 and alpha < 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # convergence warnings on tiny folds
+                    lasso = Lasso(
+                        alpha=alpha * alpha_max, fit_intercept=False, max_iter=20000, random_state=seed
+                    )
+                    delta = lasso.fit(xc, r).coef_.astype(np.float64)
+    return _Model(base + delta, x_mean, y_mean, scales)
+
+
+def _folds(pairs: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Boolean test masks over samples; all samples sharing a pair id land in the same fold."""
+    ids = np.unique(pairs)
+    rng = np.random.default_rng(seed)
+    ids = ids[rng.permutation(len(ids))]
+    return [np.isin(pairs, chunk) for chunk in np.array_split(ids, k)]
+
+
+def fit_importance(
+    keep: np.ndarray,
+    losses: np.ndarray,
+    prior: np.ndarray | None = None,
+    groups=None,
+    pairs: np.ndarray | None = None,
+    penalty: str = "l2",
+    alphas: tuple[float, ...] = (),
+    folds: int = 5,
+    cap: float = 3.0,
+    seed: int = 0,
+) -> RegressionFit:
+    """Fit feature importances from `keep` [S, F] (1 = kept) and `losses` [S]; see the module docstring.
+
+    `prior` [F] is a non-negative prior importance per feature on the loss scale up to one factor per
+    group (e.g. per-parameter score x parameters); None anchors at zero. `groups` [F] labels features
+    (e.g. "attn"/"mlp") for the anchor scales and the per-group taus. `pairs` [S] keeps antithetic pairs
+    in one cross-validation fold.
+
+    Example (the loss is a known linear function of the mask)::
+
+        keep = rng.integers(0, 2, (64, 10)); w = np.arange(10.0)
+        fit = fit_importance(keep, 5.0 - keep @ w * 0.01)
+        # np.argsort(fit.coef) == np.arange(10)
+    """
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+    x = np.asarray(keep, dtype=np.float64)
+    s, f = x.shape
+    y = prepare_targets(losses, cap)
+    prior = np.zeros(f) if prior is None else np.clip(np.asarray(prior, dtype=np.float64), 0, None)
+    names, gidx = _group_index(groups, f)
+    ng = len(names)
+    pairs = np.arange(s) if pairs is None else np.asarray(pairs)
+    grid = [math.inf] + sorted(alphas or DEFAULT_ALPHAS[penalty], reverse=True)  # strongest first
+    k = max(2, min(folds, len(np.unique(pairs))))
+    tests = _folds(pairs, k, seed)
+    # Out-of-fold per-group parts of the prediction. Per-fold intercepts are left out: they would add
+    # fold-level offsets that carry no information about the masks (y is centred once, globally).
+    oof = {a: np.zeros((s, ng)) for a in grid}
+    for test in tests:
+        train = ~test
+        for a in grid:
+            m = _fit_one(x[train], y[train], prior, gidx, ng, penalty, a, seed)
+            oof[a][test] = m.parts(x[test], gidx, ng)
+    taus = {a: kendall(oof[a].sum(axis=1), y) for a in grid}
+    best = grid[0]
+    for a in grid[1:]:  # ties keep the stronger penalty (closer to the prior)
+        if np.nan_to_num(taus[a], nan=-2.0) > np.nan_to_num(taus[best], nan=-2.0):
+            best = a
+    parts = oof[best]
+    total = parts.sum(axis=1)
+    tau_groups = {}
+    for g, name in enumerate(names):
+        tau_groups[name] = kendall(parts[:, g], y - (total - parts[:, g]))
+    final = _fit_one(x, y, prior, gidx, ng, penalty, best, seed)
+    intercept = final.y_mean - float(final.x_mean @ final.coef)
+    return RegressionFit(
+        coef=final.coef,
+        intercept=intercept,
+        alpha=best,
+        tau=taus[best],
+        tau_prior=taus[math.inf],
+        tau_groups=tau_groups if ng > 1 else {},
+        taus=taus,
+        scales={name: float(final.scales[g]) for g, name in enumerate(names)},
+        folds=k,
+        samples=s,
+    )
