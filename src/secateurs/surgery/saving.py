@@ -96,8 +96,8 @@ def plan_record(plan: Plan, dense_params: int, dense_prunable: int, model: nn.Mo
         "pruned_total": total,
         "dense_prunable": dense_prunable,
         "pruned_prunable": after.total_cost,
-        "sparsity": 1 - after.total_cost / dense_prunable,
-        "total_removed_share": 1 - total / dense_params,
+        "sparsity": (dense_prunable - after.total_cost) / dense_prunable,
+        "total_removed_share": (dense_params - total) / dense_params,
     }
     record["removed_units"] = [
         {
