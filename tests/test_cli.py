@@ -202,3 +202,27 @@ def test_a_method_registered_in_a_test_is_usable_from_the_cli(tiny_dir, tmp_path
         assert json.loads((tmp_path / "out" / "plan.json").read_text())["method"] == "reverse-magnitude"
     finally:
         REGISTRY.pop("reverse-magnitude", None)
+
+
+def test_bench_prints_ratios_next_to_the_bound(tiny_dir, tmp_path, capsys):
+    model, text = tiny_dir
+    out = tmp_path / "out"
+    assert _prune(model, text, out, "--sparsity", "0.5", "--no-eval") == 0
+    capsys.readouterr()
+    argv = [
+        "bench",
+        str(model),
+        str(out),
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prefill tok/s" in printed and "decode tok/s" in printed and "MAC bound" in printed
+    r = json.loads(printed.strip().splitlines()[-1])
+    assert r["pruned"]["macs_per_token"] < r["dense"]["macs_per_token"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from secateurs.errors import LossError
 from secateurs.units.masks import Masks, masked
@@ -50,7 +51,9 @@ class SubmodelEvaluator:
     several masks x windows at once.
     """
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, max_rows: int = 16, space: UnitSpace | None = None):
+    def __init__(
+        self, model: nn.Module, windows: torch.Tensor, max_rows: int = 16, space: UnitSpace | None = None
+    ):
         self.model = model
         self.space = space or UnitSpace.from_model(model)
         self.device = next(model.parameters()).device
@@ -67,13 +70,17 @@ class SubmodelEvaluator:
         self.space = UnitSpace.from_model(self.model)
 
     @torch.inference_mode()
-    def losses(self, masks: Masks | None = None) -> torch.Tensor:
-        """Mean per-token NLL of each mask's sub-model over all windows: [masks.batch] (or [1] if None)."""
+    def losses(self, masks: Masks | None = None, progress: str | None = None) -> torch.Tensor:
+        """Mean per-token NLL of each mask's sub-model over all windows: [masks.batch] (or [1] if None).
+
+        `progress`: a label to show a progress bar over the forwards (for long evaluations).
+        """
         n, t = self.windows.shape
         k = 1 if masks is None else masks.batch
         rows = masks.repeat_interleave(n) if masks is not None else None
         total = torch.empty(k * n, dtype=torch.float32)
-        for s in range(0, k * n, self.max_rows):
+        starts = range(0, k * n, self.max_rows)
+        for s in tqdm(starts, desc=progress, unit="fwd", leave=False, disable=progress is None):
             e = min(s + self.max_rows, k * n)
             ids = self.windows[torch.arange(s, e) % n]
             if rows is None:
@@ -92,7 +99,7 @@ class SubmodelEvaluator:
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
     """Held-out perplexity over contiguous windows; reports the token count and sequence length with it."""
     ev = SubmodelEvaluator(model, windows, max_rows=batch_size)
-    nll = float(ev.losses()[0])
+    nll = float(ev.losses(progress=f"perplexity ({windows.numel():,} tokens)")[0])
     return {
         "ppl": math.exp(nll),
         "nll": nll,
