@@ -74,7 +74,9 @@ class Masks:
                 return None
             if any(p is None for p in parts):
                 raise ValueError("cannot stack masks where only some carry bias corrections")
-            return torch.cat([p.expand(m.batch, -1) if p.dim() == 1 else p for p, m in zip(parts, masks, strict=True)])
+            return torch.cat(
+                [p.expand(m.batch, -1) if p.dim() == 1 else p for p, m in zip(parts, masks, strict=True)]
+            )
 
         n_l = len(masks[0].groups)
         return cls(
@@ -86,47 +88,33 @@ class Masks:
             mlp_bias=[cat_bias([m.mlp_bias[i] for m in masks]) for i in range(n_l)],
         )
 
+    def map(self, fn, per_row_only: bool = True) -> Masks:
+        """Apply `fn` to every tensor; shared [hidden] corrections are left alone if `per_row_only`."""
+
+        def f(t):
+            if t is None or (per_row_only and t.dim() == 1):
+                return t
+            return fn(t)
+
+        return Masks(
+            groups=[f(t) for t in self.groups],
+            channels=[f(t) for t in self.channels],
+            attn_block=f(self.attn_block),
+            mlp_block=f(self.mlp_block),
+            attn_bias=[f(t) for t in self.attn_bias],
+            mlp_bias=[f(t) for t in self.mlp_bias],
+        )
+
     def repeat_interleave(self, n: int) -> Masks:
         """Each row repeated `n` times in place: row r serves input rows r*n .. r*n+n-1."""
-
-        def rep(t):
-            return None if t is None else (t if t.dim() == 1 else t.repeat_interleave(n, dim=0))
-
-        return Masks(
-            groups=[rep(t) for t in self.groups],
-            channels=[rep(t) for t in self.channels],
-            attn_block=rep(self.attn_block),
-            mlp_block=rep(self.mlp_block),
-            attn_bias=[rep(t) for t in self.attn_bias],
-            mlp_bias=[rep(t) for t in self.mlp_bias],
-        )
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
 
     def rows(self, start: int, end: int) -> Masks:
-        """Rows start..end-1 (a micro-batch); shared [hidden] corrections are kept as they are."""
-        def sl(t):
-            return None if t is None else (t if t.dim() == 1 else t[start:end])
-
-        return Masks(
-            groups=[sl(t) for t in self.groups],
-            channels=[sl(t) for t in self.channels],
-            attn_block=sl(self.attn_block),
-            mlp_block=sl(self.mlp_block),
-            attn_bias=[sl(t) for t in self.attn_bias],
-            mlp_bias=[sl(t) for t in self.mlp_bias],
-        )
+        """Rows start..end-1 (a micro-batch)."""
+        return self.map(lambda t: t[start:end])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Masks:
-        def mv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        return Masks(
-            [mv(t) for t in self.groups],
-            [mv(t) for t in self.channels],
-            mv(self.attn_block),
-            mv(self.mlp_block),
-            [mv(t) for t in self.attn_bias],
-            [mv(t) for t in self.mlp_bias],
-        )
+        return self.map(lambda t: t.to(device=device, dtype=dtype), per_row_only=False)
 
 
 def _indicator(keep: list[int], n: int) -> torch.Tensor:
