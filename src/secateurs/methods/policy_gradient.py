@@ -1,0 +1,591 @@
+"""Policy-gradient Bernoulli masks (arXiv 2406.10576): learn a keep-probability per unit from losses only.
+
+Every unit (GQA group, MLP channel, optionally whole layers or blocks) has a keep probability `s_u`.
+Each step samples K masks m ~ Bernoulli(s) with a dedicated seeded generator, scores the K masked models
+on one calibration batch in one batched `SubmodelEvaluator.losses` call, forms the score-function
+gradient (`pg_math.score_gradient`), takes a cosine-scheduled step, and projects `s` back onto the
+parameter budget. The finished probabilities are turned into a hard plan by `select`.
+
+Budgets (`allocation`, `budget`):
+
+* ``allocation="global", budget="global"`` (default): one parameter-weighted projection over all units,
+  attention and MLP together -- the paper's "global heterogeneous" setting. Layers and kinds end with
+  different kept fractions.
+* ``allocation="global", budget="per-kind"``: the reference code's setting: attention and MLP are
+  projected separately, each keeping (1 - sparsity) of its own parameters (layers still heterogeneous).
+* ``allocation="uniform"``: every (layer, kind) is projected to (1 - sparsity) of its own parameters and
+  the hard plan keeps the same count per layer (`select(..., "uniform")`).
+
+Layer / block units (``units`` containing "layer", "attn_block" or "mlp_block", global budget only) are
+gates: a sample's block is kept with probability (layer gate) x (block gate), and the expected kept cost
+multiplies a block's content by its gates, so every parameter is counted once. The budget set is then
+not convex; the projection moves along the gradient of the expected cost, re-evaluated at the projected
+point (`pg_math.project`), and hits the budget exactly each time. At the end a layer or block whose
+probability is below 1/2 is a candidate to drop (lowest first, while it fits the budget); the fine units
+take the rest of the budget.
+
+Default budget (SmolLM2-135M to 50%, CPU): 300 steps x K=4 masks x 1 window of 128 tokens = 1,200
+sub-model rows = 153,600 tokens, plus the wanda-sp init's one pass over the calibration windows (the CLI
+default is 32 x 128 = 4,096 tokens). At the ~250-340 tokens/s of 2 free CPU cores that is about 8-10
+minutes; each step is one forward of 4 x 128 tokens. This is about 0.5% of the reference's ~30k
+forwards of 8 x 128 tokens, so the metric init matters; the learning rate (0.05, cosine) is scaled up
+from the reference's 2e-3 for 100x fewer steps. Init z-scores are taken per layer and kind by default:
+across layers, Wanda-sp's activation-norm scale grows with depth and a global z-score starts the first
+layers at ~1% kept (held-out perplexity 1e5 instead of 6e3 before any step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.checkpoint import load_state, save_state
+from secateurs.errors import ConfigError, LossError
+from secateurs.eval.loss import SubmodelEvaluator
+from secateurs.methods.base import Method, MethodConfig, UnitScores, get_method, register
+from secateurs.methods.pg_math import (
+    ESTIMATORS,
+    CostLayout,
+    cosine_lr,
+    leave_one_out,
+    moving_baseline,
+    project,
+    score_gradient,
+    zscore_sigmoid,
+)
+from secateurs.methods.select import select, target_params
+from secateurs.units.masks import Masks
+from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import Kind, UnitSpace
+
+log = logging.getLogger(__name__)
+
+FINE = (Kind.ATTN_GROUP.value, Kind.MLP_CHANNEL.value)
+GATES = (Kind.LAYER.value, Kind.ATTN_BLOCK.value, Kind.MLP_BLOCK.value)
+BUDGETS = ("global", "per-kind")
+BASELINES = ("moving", "leave-one-out")
+INIT_SCOPES = ("layer", "global")
+STATE_VERSION = 1
+# Settings that may change between an interrupted run and its resumption.
+_RESUMABLE = {"checkpoint_dir", "checkpoint_every", "resume", "log_every", "batch_rows"}
+
+
+@dataclass
+class PolicyGradientConfig(MethodConfig):
+    steps: int = field(default=300, metadata={"help": "optimisation steps (one calibration batch each)"})
+    samples: int = field(default=4, metadata={"help": "K: masks sampled per step (reference: 2)"})
+    lr: float = field(
+        default=0.05,
+        metadata={"help": "peak learning rate of the cosine schedule (reference: 2e-3, 30k steps)"},
+    )
+    estimator: str = field(
+        default="reference",
+        metadata={"help": "reference: /sqrt(s(1-s))/(K-1); exact: /(s(1-s)), mean over K"},
+    )
+    baseline: str = field(
+        default="moving",
+        metadata={"help": "moving: b <- (1-1/w) b + mean(L)/w; leave-one-out: mean of the other samples"},
+    )
+    baseline_window: int = field(default=5, metadata={"help": "w of the moving-average baseline"})
+    eps: float = field(default=1e-3, metadata={"help": "probabilities stay in [eps, 1-eps]"})
+    init: str = field(
+        default="wanda-sp",
+        metadata={"help": "'uniform' (all at the kept fraction) or a metric method's name (sigmoid z-score)"},
+    )
+    init_scope: str = field(
+        default="layer",
+        metadata={
+            "help": "z-score init scores per layer and kind (layer) or per kind across layers (global)"
+        },
+    )
+    gate_init: float = field(default=0.95, metadata={"help": "initial keep probability of layer/block gates"})
+    budget: str = field(
+        default="global",
+        metadata={
+            "help": "global: one parameter-weighted projection; per-kind: attention and MLP separately"
+        },
+    )
+    split_len: int = field(
+        default=128,
+        metadata={"help": "calibration windows longer than this are cut into pieces this long (0: never)"},
+    )
+    windows_per_step: int = field(default=1, metadata={"help": "calibration windows per step (all K masks)"})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "save the run state here"})
+    checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint_dir"})
+    log_every: int = field(default=10, metadata={"help": "steps between entries of the recorded curve"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (
+            "steps",
+            "samples",
+            "baseline_window",
+            "windows_per_step",
+            "checkpoint_every",
+            "log_every",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.eps < 0.5:
+            raise ConfigError(f"eps must be in (0, 0.5), got {self.eps}")
+        if not self.eps <= self.gate_init <= 1 - self.eps:
+            raise ConfigError(f"gate_init must be in [eps, 1-eps], got {self.gate_init}")
+        if self.split_len < 0 or self.split_len == 1:
+            raise ConfigError(f"split_len must be 0 (never split) or >= 2, got {self.split_len}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.baseline == "leave-one-out" and self.samples < 2:
+            raise ConfigError("baseline leave-one-out needs samples >= 2")
+        if self.init_scope not in INIT_SCOPES:
+            raise ConfigError(f"init_scope must be one of {INIT_SCOPES}, got {self.init_scope!r}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        gates = [u for u in self.units if u in GATES]
+        if self.budget == "per-kind" and not all(k in self.units for k in FINE):
+            raise ConfigError("budget per-kind needs both attn_group and mlp_channel units")
+        if gates and (self.budget != "global" or self.allocation != "global"):
+            raise ConfigError(
+                f"units {gates} need allocation=global and budget=global (a layer gate spans both kinds)"
+            )
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir")
+
+
+@dataclass
+class PGState:
+    """Everything a run needs to continue exactly: probabilities, baseline, step, sampler state, curve."""
+
+    s: torch.Tensor  # flat keep probabilities, float64
+    baseline: float | None
+    step: int
+    generator: torch.Tensor  # torch.Generator state
+    curve: dict[str, list[float]]
+    tokens: int = 0  # tokens through the model: K masks x windows x length, summed over steps
+    forwards: int = 0  # batched forward calls (where the evaluator counts them)
+
+    def to_dict(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "method": PolicyGradient.name,
+            "config": config,
+            "s": self.s.clone(),
+            "baseline": self.baseline,
+            "step": self.step,
+            "generator": self.generator.clone(),
+            "curve": {k: list(v) for k, v in self.curve.items()},
+            "tokens": self.tokens,
+            "forwards": self.forwards,
+        }
+
+
+class UnitVector:
+    """The map between the flat probability vector and per-layer, per-kind units of one `UnitSpace`.
+
+    Order: learned fine kinds (all layers of attn_group, then all of mlp_channel), then gate kinds
+    (layer, attn_block, mlp_block; one coordinate per layer that has the block). Blocks for the cost
+    layout: 2*l is layer l's attention, 2*l+1 its MLP.
+    """
+
+    def __init__(self, space: UnitSpace, units: tuple[str, ...]):
+        self.space = space
+        self.fine = [k for k in FINE if k in units]
+        self.gates = [k for k in GATES if k in units]
+        self.slices: dict[str, list[slice | None]] = {}
+        pos = 0
+        for kind in self.fine:
+            self.slices[kind] = []
+            for n in space.n_units(kind):
+                self.slices[kind].append(slice(pos, pos + n))
+                pos += n
+        self.n_fine = pos
+        for kind in self.gates:
+            self.slices[kind] = []
+            for n in space.n_units(kind):
+                self.slices[kind].append(slice(pos, pos + 1) if n else None)
+                pos += n
+        self.n = pos
+        self.layout = self._layout()
+
+    def _layout(self) -> CostLayout:
+        sp = self.space
+        n_layers = sp.n_layers
+        cost = torch.zeros(self.n_fine, dtype=torch.float64)
+        block = torch.zeros(self.n_fine, dtype=torch.long)
+        fixed = torch.zeros(2 * n_layers, dtype=torch.float64)
+        for i, lu in enumerate(sp.layers):
+            fixed[2 * i] = lu.attn_fixed * lu.geometry.has_attn
+            fixed[2 * i + 1] = lu.mlp_fixed * lu.geometry.has_mlp
+            for kind, unit_cost, count, b in (
+                (Kind.ATTN_GROUP.value, lu.group_cost, lu.n_groups, 2 * i),
+                (Kind.MLP_CHANNEL.value, lu.channel_cost, lu.n_channels, 2 * i + 1),
+            ):
+                if kind in self.fine:
+                    sl = self.slices[kind][i]
+                    cost[sl], block[sl] = float(unit_cost), b
+                else:  # not pruned: a fixed part of its block
+                    fixed[b] += unit_cost * count
+        gate_blocks = torch.zeros(self.n - self.n_fine, 2 * n_layers, dtype=torch.bool)
+        covers = {Kind.LAYER.value: (0, 1), Kind.ATTN_BLOCK.value: (0,), Kind.MLP_BLOCK.value: (1,)}
+        for kind in self.gates:
+            for i, sl in enumerate(self.slices[kind]):
+                if sl is not None:
+                    for off in covers[kind]:
+                        gate_blocks[sl.start - self.n_fine, 2 * i + off] = True
+        return CostLayout(cost, block, fixed, gate_blocks)
+
+    def indices(self, kind: str, layers: list[int] | None = None) -> torch.Tensor:
+        layers = range(self.space.n_layers) if layers is None else layers
+        parts = [torch.arange(sl.start, sl.stop) for i in layers if (sl := self.slices[kind][i]) is not None]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def per_layer(self, flat: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        return [flat[..., sl] if sl is not None else flat[..., :0] for sl in self.slices[kind]]
+
+    def to_flat(self, per_kind: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        out = torch.empty(self.n, dtype=torch.float64)
+        for kind in self.fine + self.gates:
+            for sl, t in zip(self.slices[kind], per_kind[kind], strict=True):
+                if sl is not None:
+                    out[sl] = t.to(torch.float64).flatten()
+        return out
+
+    def masks(self, samples: torch.Tensor) -> Masks:
+        """Masks with one row per sample [K, n]; unlearned kinds stay at 1; gates multiply into blocks."""
+        k = samples.shape[0]
+        samples = samples.float()
+        m = Masks.ones(self.space, k)
+        for kind, target in ((Kind.ATTN_GROUP.value, m.groups), (Kind.MLP_CHANNEL.value, m.channels)):
+            if kind in self.fine:
+                for i, t in enumerate(self.per_layer(samples, kind)):
+                    target[i] = t.clone()
+        for kind in self.gates:
+            for i, sl in enumerate(self.slices[kind]):
+                if sl is None:
+                    continue
+                gate = samples[:, sl.start]
+                if kind in (Kind.LAYER.value, Kind.ATTN_BLOCK.value):
+                    m.attn_block[:, i] *= gate
+                if kind in (Kind.LAYER.value, Kind.MLP_BLOCK.value):
+                    m.mlp_block[:, i] *= gate
+        return m
+
+    def segments(self, allocation: str, budget: str) -> list[tuple[torch.Tensor, CostLayout]]:
+        """(coordinates, layout) pairs, each projected to (1 - sparsity) of its own full cost."""
+        n_blocks = 2 * self.space.n_layers
+        if allocation == "global" and budget == "global":
+            return [(torch.arange(self.n), self.layout)]
+        out = []
+        groups = (
+            [list(range(self.space.n_layers))]
+            if allocation == "global"
+            else [[i] for i in range(self.space.n_layers)]
+        )
+        for kind in self.fine:
+            off = 0 if kind == Kind.ATTN_GROUP.value else 1
+            for layers in groups:
+                idx = self.indices(kind, layers)
+                if idx.numel() == 0:
+                    continue
+                blocks = torch.zeros(n_blocks, dtype=torch.bool)
+                blocks[[2 * i + off for i in layers]] = True
+                out.append((idx, self.layout.restrict(idx, blocks)))
+        return out
+
+
+def _split_windows(calib: torch.Tensor, split_len: int) -> torch.Tensor:
+    """[N, T] -> [N * (T // split_len), split_len] (as given when split_len is 0 or not shorter than T)."""
+    n, t = calib.shape
+    if split_len == 0 or split_len >= t:
+        return calib
+    pieces = t // split_len
+    return calib[:, : pieces * split_len].reshape(n * pieces, split_len)
+
+
+def _kept_fractions(plan: Plan, space: UnitSpace) -> dict[str, list[float]]:
+    """Per layer: kept share of its attention groups, of its MLP channels, and of its parameters."""
+    out: dict[str, list[float]] = {"attn": [], "mlp": [], "params": []}
+    for lp, lu in zip(plan.canonical(space).layers, space.layers, strict=True):
+        g, c = len(lp.groups(lu.n_groups)), len(lp.channels(lu.n_channels))
+        out["attn"].append(g / lu.n_groups if lu.n_groups else 0.0)
+        out["mlp"].append(c / lu.n_channels if lu.n_channels else 0.0)
+        kept = g * lu.group_cost + c * lu.channel_cost + lu.attn_fixed * (g > 0) + lu.mlp_fixed * (c > 0)
+        out["params"].append(kept / lu.cost if lu.cost else 0.0)
+    return out
+
+
+EvaluatorFactory = Callable[[torch.Tensor], Any]
+
+
+@register
+class PolicyGradient(Method):
+    """Learn Bernoulli keep-probabilities with a score-function (policy) gradient; forward passes only.
+
+    `evaluator_factory(windows) -> evaluator` (anything with `.losses(masks) -> [K]`) replaces the
+    default `SubmodelEvaluator` on `windows`; tests use it to plug in synthetic losses.
+    """
+
+    name = "policy-gradient"
+    description = (
+        "Bernoulli keep-probabilities learned by policy gradient with a budget projection (2406.10576)"
+    )
+    config_class = PolicyGradientConfig
+
+    def __init__(
+        self, config: PolicyGradientConfig | None = None, evaluator_factory: EvaluatorFactory | None = None
+    ):
+        super().__init__(config)
+        self.evaluator_factory = evaluator_factory
+
+    # -- public ----------------------------------------------------------------------------------
+    def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
+        state = self.learn(model, space, calib)
+        return self.finish(state, space)
+
+    def learn(
+        self, model: nn.Module, space: UnitSpace, calib: torch.Tensor, max_steps: int | None = None
+    ) -> PGState:
+        """Run (or resume) the optimisation; stop after `max_steps` steps in total if given."""
+        cfg: PolicyGradientConfig = self.config
+        vec = UnitVector(space, cfg.units)
+        segments = vec.segments(cfg.allocation, cfg.budget)
+        state = self._resume(vec) if cfg.resume else None
+        if state is None:
+            if cfg.checkpoint_dir and load_state(cfg.checkpoint_dir) is not None:
+                raise ConfigError(
+                    f"{cfg.checkpoint_dir} already holds a checkpoint; pass resume or use a new directory"
+                )
+            state = PGState(
+                s=self._init(model, space, calib, vec, segments),
+                baseline=None,
+                step=0,
+                generator=torch.Generator().manual_seed(cfg.seed).get_state(),
+                curve={"step": [], "loss": [], "baseline": [], "lr": []},
+            )
+        windows = _split_windows(calib, cfg.split_len)
+        order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))
+        factory = self.evaluator_factory or (
+            lambda w: SubmodelEvaluator(model, w, max_rows=cfg.batch_rows, space=space)
+        )
+        end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        log.info(
+            "policy gradient: %d units, steps %d..%d of %d, K=%d, %d window(s) x %d tokens per step (%d tokens per step)",
+            vec.n, state.step, end, cfg.steps, cfg.samples, cfg.windows_per_step, windows.shape[1],
+            cfg.samples * cfg.windows_per_step * windows.shape[1],
+        )  # fmt: skip
+        gen = torch.Generator()
+        gen.set_state(state.generator)
+        saved = state.step
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="policy-gradient", unit="step", disable=None)
+        try:
+            while state.step < end:
+                t = state.step
+                rows = order[(t * cfg.windows_per_step + torch.arange(cfg.windows_per_step)) % order.numel()]
+                batch = windows[rows]
+                samples = (
+                    torch.rand(cfg.samples, vec.n, generator=gen, dtype=torch.float64) < state.s
+                ).float()
+                try:
+                    evaluator = factory(batch)
+                    losses = torch.as_tensor(evaluator.losses(vec.masks(samples)), dtype=torch.float64)
+                    if not torch.isfinite(losses).all():
+                        raise LossError(f"non-finite loss {losses.tolist()}")
+                except LossError as e:
+                    where = (
+                        f"; the last good checkpoint (step {saved}) in {cfg.checkpoint_dir} is intact"
+                        if cfg.checkpoint_dir and saved
+                        else ""
+                    )
+                    raise LossError(f"policy gradient stopped at step {t}: {e}{where}") from e
+                state = self._step(state, samples, losses, t, vec, segments, gen)
+                state.tokens += int(cfg.samples * batch.numel())
+                stats = getattr(evaluator, "stats", None)
+                state.forwards += int(getattr(stats, "forwards", 0))
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(losses.mean()):.3f}", baseline=f"{state.baseline:.3f}")
+                if cfg.checkpoint_dir and (state.step % cfg.checkpoint_every == 0 or state.step == end):
+                    save_state(cfg.checkpoint_dir, state.to_dict(cfg.to_dict()))
+                    saved = state.step
+        finally:
+            bar.close()
+        return state
+
+    def finish(self, state: PGState, space: UnitSpace) -> Plan:
+        """Hard plan from the learned probabilities, with the probabilities and curve in `plan.info`."""
+        cfg: PolicyGradientConfig = self.config
+        vec = UnitVector(space, cfg.units)
+        probs = {kind: vec.per_layer(state.s, kind) for kind in vec.fine + vec.gates}
+        plan = self._select(probs, space, vec)
+        expected = float(vec.layout.expected(state.s)) / space.total_cost
+        kept = _kept_fractions(plan, space)
+        plan.method, plan.settings, plan.seed = self.name, cfg.to_dict(), cfg.seed
+        plan.info.update(
+            {
+                "tokens": state.tokens,
+                "forwards": state.forwards,
+                "probabilities": {k: [[round(float(x), 5) for x in t] for t in v] for k, v in probs.items()},
+                "expected_kept_fraction": expected,
+                "kept_fraction_per_layer": kept,
+                "training": {
+                    "steps": state.step,
+                    "tokens": state.tokens,
+                    "curve": state.curve,
+                    "final_baseline": state.baseline,
+                },
+            }
+        )
+        log.info(
+            "policy gradient: removed %.2f%% of prunable parameters (expected kept before rounding %.2f%%)",
+            100 * plan.removed_fraction(space), 100 * expected,
+        )  # fmt: skip
+        return plan
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _step(self, state: PGState, samples, losses, t, vec: UnitVector, segments, gen) -> PGState:
+        cfg: PolicyGradientConfig = self.config
+        mean_loss = float(losses.mean())
+        if cfg.baseline == "leave-one-out":
+            base = leave_one_out(losses)
+        else:
+            base = torch.tensor(mean_loss if state.baseline is None else state.baseline, dtype=torch.float64)
+        g = score_gradient(losses, samples, state.s, base, cfg.estimator, cfg.eps)
+        lr = cosine_lr(cfg.lr, t, cfg.steps)
+        s = self._project(state.s - lr * g, segments)
+        baseline = moving_baseline(state.baseline, mean_loss, cfg.baseline_window)  # after the gradient
+        curve = state.curve
+        if t % cfg.log_every == 0 or t + 1 == cfg.steps:
+            for key, val in (("step", t), ("loss", mean_loss), ("baseline", baseline), ("lr", lr)):
+                curve[key].append(float(val))
+        return PGState(s, baseline, t + 1, gen.get_state(), curve, state.tokens, state.forwards)
+
+    def _project(self, v: torch.Tensor, segments) -> torch.Tensor:
+        cfg: PolicyGradientConfig = self.config
+        out = v.clone()
+        keep = 1.0 - cfg.sparsity
+        for idx, layout in segments:
+            out[idx] = project(v[idx], layout, keep * layout.full(), lo=cfg.eps, hi=1 - cfg.eps)
+        return out
+
+    # -- init ------------------------------------------------------------------------------------
+    def _init(self, model, space, calib, vec: UnitVector, segments) -> torch.Tensor:
+        """Fine units: sigmoid(z-score of a metric) per kind, or the kept fraction; gates: `gate_init`.
+        Then every segment is shifted (fine units only) so its expected kept cost is the budget."""
+        cfg: PolicyGradientConfig = self.config
+        keep = 1.0 - cfg.sparsity
+        v = torch.full((vec.n,), keep, dtype=torch.float64)
+        v[vec.n_fine :] = cfg.gate_init
+        if cfg.init != "uniform" and vec.fine:
+            method = get_method(cfg.init)
+            metric = method(MethodConfig(sparsity=cfg.sparsity, units=tuple(vec.fine), seed=cfg.seed))
+            if not hasattr(metric, "scores"):
+                raise ConfigError(f"init {cfg.init!r} is not a metric method (it has no per-unit scores)")
+            scores = metric.scores(model, space, calib)
+            for kind in vec.fine:
+                if cfg.init_scope == "global":
+                    flat = torch.cat([t.flatten().to(torch.float64) for t in scores[kind]])
+                    v[vec.indices(kind)] = zscore_sigmoid(flat)
+                else:
+                    for i, t in enumerate(scores[kind]):
+                        if t.numel():
+                            v[vec.indices(kind, [i])] = zscore_sigmoid(t.flatten())
+            log.info("policy gradient: initialised from %s scores", cfg.init)
+        shift = torch.zeros(vec.n, dtype=torch.float64)
+        shift[: vec.n_fine or vec.n] = 1.0  # gates stay at gate_init (unless alone); fine units move together
+        out = v.clamp(cfg.eps, 1 - cfg.eps)
+        for idx, layout in segments:
+            try:
+                out[idx] = project(
+                    v[idx], layout, keep * layout.full(), lo=cfg.eps, hi=1 - cfg.eps, direction=shift[idx]
+                )
+            except ValueError as e:
+                raise ConfigError(f"cannot start at the budget with gate_init={cfg.gate_init}: {e}") from None
+        return out
+
+    def _resume(self, vec: UnitVector) -> PGState | None:
+        cfg: PolicyGradientConfig = self.config
+        saved = load_state(cfg.checkpoint_dir)
+        if saved is None:
+            log.info("no checkpoint in %s yet; starting from step 0", cfg.checkpoint_dir)
+            return None
+        if saved.get("method") != self.name or saved.get("version") != STATE_VERSION:
+            raise ConfigError(
+                f"{cfg.checkpoint_dir} holds no policy-gradient checkpoint of version {STATE_VERSION}"
+            )
+        now, then = cfg.to_dict(), saved["config"]
+        diff = sorted(k for k in set(now) | set(then) if k not in _RESUMABLE and now.get(k) != then.get(k))
+        if diff:
+            raise ConfigError(f"cannot resume: settings differ from the checkpoint's: {', '.join(diff)}")
+        if saved["s"].numel() != vec.n:
+            raise ConfigError(
+                f"cannot resume: checkpoint has {saved['s'].numel()} units, the model has {vec.n}"
+            )
+        log.info("resuming policy gradient from step %d of %d", saved["step"], cfg.steps)
+        return PGState(
+            saved["s"],
+            saved["baseline"],
+            saved["step"],
+            saved["generator"],
+            saved["curve"],
+            saved["tokens"],
+            saved["forwards"],
+        )
+
+    # -- finish ----------------------------------------------------------------------------------
+    def _select(self, probs: dict[str, list[torch.Tensor]], space: UnitSpace, vec: UnitVector) -> Plan:
+        cfg: PolicyGradientConfig = self.config
+        scores = {k: [t.float().clone() for t in v] for k, v in probs.items()}
+        if vec.fine:
+            for kind in vec.gates:  # a gate goes only where the sampler drops it more often than not
+                for t in scores[kind]:
+                    t[t >= 0.5] = math.inf
+        if cfg.budget == "global" or cfg.allocation == "uniform":
+            return select(UnitScores(scores), space, cfg.sparsity, cfg.allocation, cfg.units)
+        # Attention takes its own share, to the nearest whole group; MLP channels land the total target.
+        attn_total = sum(lu.attn_cost for lu in space.layers if lu.n_groups)
+        half_group = min(lu.group_cost for lu in space.layers if lu.n_groups) / 2
+        attn_target = max(0, math.ceil(cfg.sparsity * attn_total - half_group))
+        parts = {}
+        if attn_target:
+            parts[Kind.ATTN_GROUP.value] = select(
+                UnitScores(scores),
+                space,
+                cfg.sparsity,
+                "global",
+                (Kind.ATTN_GROUP.value,),
+                target=attn_target,
+            )
+            removed_attn = space.total_cost - parts[Kind.ATTN_GROUP.value].kept_cost(space)
+        else:
+            removed_attn = 0
+        mlp_target = target_params(space, cfg.sparsity) - removed_attn
+        parts[Kind.MLP_CHANNEL.value] = select(
+            UnitScores(scores), space, cfg.sparsity, "global", (Kind.MLP_CHANNEL.value,), target=mlp_target
+        )
+        layers = []
+        for i in range(space.n_layers):
+            a = parts.get(Kind.ATTN_GROUP.value)
+            m = parts.get(Kind.MLP_CHANNEL.value)
+            layers.append(
+                LayerPlan(
+                    keep_groups=a.layers[i].keep_groups if a else None,
+                    keep_channels=m.layers[i].keep_channels if m else None,
+                    drop_attn=a.layers[i].drop_attn if a else False,
+                    drop_mlp=m.layers[i].drop_mlp if m else False,
+                )
+            )
+        plan = Plan(layers).canonical(space)
+        removed = space.total_cost - plan.kept_cost(space)
+        if removed < target_params(space, cfg.sparsity):
+            raise ConfigError(f"per-kind selection removed {removed} parameters, short of the target")
+        return plan
