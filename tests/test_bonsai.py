@@ -9,7 +9,7 @@ import torch
 
 from secateurs.errors import ConfigError
 from secateurs.eval.loss import EvalStats
-from secateurs.methods.base import MethodConfig, get_method
+from secateurs.methods.base import REGISTRY, MethodConfig, MetricMethod, UnitScores, get_method
 from secateurs.methods.bonsai import (
     ATTN,
     MLP,
@@ -19,6 +19,7 @@ from secateurs.methods.bonsai import (
     drop_probabilities,
     feature_masks,
     round_candidates,
+    to_protect,
 )
 from secateurs.methods.regression import fit_importance, kendall, prepare_targets
 from secateurs.methods.select import target_params
@@ -153,7 +154,7 @@ def test_few_units_attention_groups_are_candidates():
     ).plan(model, space, _calib())
     canon = plan.canonical(space)
     assert 0 not in canon.layers[1].groups(2) and 0 not in canon.layers[2].groups(2)
-    assert plan.info["rounds"][0]["candidates"][ATTN] >= 2
+    assert {(1, 0), (2, 0)} <= {tuple(x) for x in plan.info["rounds"][0]["attn_candidates"]}
 
 
 # -- whole rounds with a fake evaluator whose loss is a known linear function of the mask ---------
@@ -214,16 +215,35 @@ class _FakeBonsai(Bonsai):
         return LinearLossEvaluator(model, windows, space)
 
 
-def test_rounds_keep_the_units_the_losses_say_matter():
+class NullEvaluator(LinearLossEvaluator):
+    """Losses that do not depend on the mask: selection among candidates is then blind."""
+
+    def losses(self, masks):
+        self.stats.forwards += 1
+        return 3.0 + 0.01 * torch.randn(masks.batch, generator=self.g)
+
+
+class _NullBonsai(Bonsai):
+    def make_evaluator(self, model, windows, space):
+        return NullEvaluator(model, windows, space)
+
+
+def _dropped_over_kept(cls, penalty):
     model = _plant(tiny_model("llama", layers=2))
     space = UnitSpace.from_model(model)
-    groups, channels = _importances(model, space)
+    _, channels = _importances(model, space)
     # 48 pairs for ~40 single-channel features (an antithetic pair is one equation on the coefficients);
     # candidate_ratio 4 leaves the selection some freedom (with 2, most candidates must go)
     cfg = BonsaiConfig(
-        sparsity=0.2, prior="random", masks_per_round=96, candidate_ratio=4, channel_bundle=1, seed=3
+        sparsity=0.2,
+        prior="random",
+        masks_per_round=96,
+        candidate_ratio=4,
+        channel_bundle=1,
+        seed=3,
+        penalty=penalty,
     )
-    plan = _FakeBonsai(cfg).plan(model, space, _calib())
+    plan = cls(cfg).plan(model, space, _calib())
     canon = plan.canonical(space)
     kept_w, dropped_w = [], []
     for li, (lp, lu) in enumerate(zip(canon.layers, space.layers, strict=True)):
@@ -231,10 +251,59 @@ def test_rounds_keep_the_units_the_losses_say_matter():
         keep[lp.channels(lu.n_channels)] = True
         kept_w.append(channels[li][keep])
         dropped_w.append(channels[li][~keep])
-    kept_w, dropped_w = torch.cat(kept_w), torch.cat(dropped_w)
-    # the prior is random, so only the regression can have found the unimportant channels
-    assert float(dropped_w.mean()) < 0.6 * float(kept_w.mean())
-    assert all(r["tau"] > 0.8 for r in plan.info["rounds"])
+    return float(torch.cat(dropped_w).mean()) / float(torch.cat(kept_w).mean()), plan
+
+
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_rounds_keep_the_units_the_losses_say_matter(penalty):
+    # the prior is random, so only the regression can find the unimportant channels
+    ratio, plan = _dropped_over_kept(_FakeBonsai, penalty)
+    blind, blind_plan = _dropped_over_kept(_NullBonsai, penalty)
+    assert ratio < 0.7 < 0.8 < blind
+    assert all(r["tau"] > 0.6 for r in plan.info["rounds"])
+    assert all(abs(r["tau"] or 0.0) < 0.3 for r in blind_plan.info["rounds"])
+
+
+def test_protect_rule():
+    coef = np.array([0.01, 0.02, 3.0, 0.05, 0.03, 0.5])
+    dropped = np.array([1.0, 1.0, 0.0, 0.0, 0.5, 0.0])
+    # the round's predicted loss increase is 0.01 + 0.02 + 0.015 = 0.045
+    assert to_protect(coef, dropped, loss_spread=0.3).tolist() == [2, 5]
+    assert to_protect(coef, dropped, loss_spread=1.0).tolist() == [2]  # must also beat the spread
+    assert to_protect(-coef, dropped, loss_spread=0.0).tolist() == []
+
+
+class _MarkedLowPrior(MetricMethod):
+    """Test prior: every unit 1, except attention groups whose planted importance is huge: 0."""
+
+    name = "test-marked-low"
+    description = "test only"
+
+    def scores(self, model, space, calib):
+        groups, channels = _importances(model, space)
+        return UnitScores(
+            {ATTN: [(g < 100).float() for g in groups], MLP: [torch.ones_like(c).float() for c in channels]}
+        )
+
+
+def test_catastrophic_unit_is_protected_and_kept(monkeypatch):
+    monkeypatch.setitem(REGISTRY, _MarkedLowPrior.name, _MarkedLowPrior)
+    model = _plant(tiny_model("llama", layers=2))
+    space = UnitSpace.from_model(model)
+    o = space.adapter.attn_linears(space.adapter.decoder_layers(model)[1])[3]
+    with torch.no_grad():  # layer 1, group 0: the lowest prior, but worth 30x any other group
+        o.weight[0, 0] = 30.0 * float(o.weight[0, 0])
+    cfg = BonsaiConfig(sparsity=0.3, prior=_MarkedLowPrior.name, masks_per_round=48, channel_bundle=4)
+    plan = _FakeBonsai(cfg).plan(model, space, _calib())
+    assert plan.info["rounds"][0]["protected"][0][:2] == [ATTN, 1]
+    assert [1, 0] in [list(x) for x in plan.info["protected"][ATTN]]
+    assert 0 in plan.canonical(space).layers[1].groups(2)
+    # once protected it is no candidate: later rounds' attention candidates (original indices) are others
+    assert [1, 0] in plan.info["rounds"][0]["attn_candidates"]
+    assert all([1, 0] not in r["attn_candidates"] for r in plan.info["rounds"][1:])
+    no_protect = _FakeBonsai(BonsaiConfig(**{**cfg.to_dict(), "protect": False})).plan(model, space, _calib())
+    assert no_protect.info["protected"][ATTN] == []
+    assert 0 in no_protect.canonical(space).layers[1].groups(2)  # the regression alone keeps it too
 
 
 # -- the real evaluator on tiny models -----------------------------------------------------------

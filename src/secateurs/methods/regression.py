@@ -14,14 +14,20 @@ coefficients at the normalised prior, then train with a penalty":
 1. Anchor: `beta = c_g * prior_f` with one non-negative scale `c_g` per feature group (attention /
    MLP), fitted by non-negative least squares. This calibrates how the prior's scale compares across
    unit kinds: two numbers, well determined by a few dozen sub-models.
-2. Correction: the residual is regressed on the masks with an L2 (ridge, closed form, default) or L1
-   (`sklearn.linear_model.Lasso`) penalty, so the penalty shrinks towards the scaled prior rather than
+2. Correction: the residual is regressed on the masks with an L2 (ridge, closed form) or L1
+   (`sklearn.linear_model.Lasso`, started from zero correction, i.e. at the scaled prior) penalty, so the penalty shrinks towards the scaled prior rather than
    towards zero. The penalty `alpha` is relative: for L2 it multiplies the mean diagonal of `X^T X`; for
    L1 it is a fraction of the smallest penalty that zeroes every correction. `alpha = inf` is the
    anchored prior alone and is always a candidate, so cross-validation falls back to the prior when
    the masks carry no information.
 3. `alpha` is chosen by k-fold cross-validation on Kendall's tau between out-of-fold predictions and
    the observed targets. Antithetic pairs stay in one fold.
+
+Antithetic pairs (a mask x and its complement 1 - x): under a linear model the pair's sum of targets is
+the same for every pair, so a pair is one equation on the coefficients (its difference), not two; fit
+with at least as many pairs as features you want resolved, or lean on the prior. In exchange, pairwise
+interactions between units cancel from the difference exactly (x'Qx - (1-x)'Q(1-x) is linear in x), so
+the linear fit to pairs is exact up to third-order effects.
 
 The returned taus say whether the estimate is informative: `tau` overall, `tau_prior` for the anchored
 prior alone, and per feature group a partial-residual tau: the group's part of the out-of-fold
