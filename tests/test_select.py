@@ -49,9 +49,12 @@ def test_global_drops_lowest_scores_first():
         assert scores["mlp_channel"][0][dropped].max() <= scores["mlp_channel"][0][kept].min()
 
 
-def test_uniform_keeps_same_counts_per_layer():
-    space = _space()
-    plan = select(_random_scores(space), space, 0.5, "uniform", ("attn_group", "mlp_channel"))
+@pytest.mark.parametrize("sparsity", [0.3, 0.31, 0.37, 0.5, 0.61])
+def test_uniform_keeps_same_counts_per_layer(sparsity):
+    space = _space(layers=6)
+    scores = _random_scores(space)
+    scores["mlp_channel"][0] -= 10  # layer 0's channels score lowest: a global top-up would take them all
+    plan = select(scores, space, sparsity, "uniform", ("attn_group", "mlp_channel"))
     shapes = plan.shapes(space)
     assert len({s["groups"] for s in shapes}) == 1
     ch = [s["channels"] for s in shapes]

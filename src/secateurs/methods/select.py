@@ -168,8 +168,30 @@ def _select_uniform(scores, space, budget, fine, drop) -> float:
             idx = torch.argsort(scores[kind][i].float(), stable=True)[:k]
             drop[kind][i][idx] = True
             removed += k * costs[i]
-        if last and removed < budget:  # per-layer ±1: the lowest-scoring next units go
-            removed += _greedy(_unit_table(scores, space, (kind,), drop), budget - removed, drop, (kind,))
+        if last and removed < budget:
+            removed += _top_up_one_per_layer(scores, space, kind, layers, budget - removed, drop)
+    return removed
+
+
+def _top_up_one_per_layer(scores, space, kind, layers, need, drop) -> float:
+    """Per-layer +1 to land the target: the layers whose next unit scores lowest give one more each.
+
+    `_fit_count` took the largest uniform count within the budget, so fewer than one more unit per
+    layer is needed and counts differ by at most one across layers.
+    """
+    costs = space.unit_costs(kind)
+    nxt = []
+    for i in layers:
+        alive = (~drop[kind][i]).nonzero().flatten()
+        if alive.numel():
+            j = int(alive[scores[kind][i][alive].float().argmin()])
+            nxt.append((float(scores[kind][i][j]), i, j))
+    removed = 0.0
+    for _, i, j in sorted(nxt):
+        if removed >= need:
+            break
+        drop[kind][i][j] = True
+        removed += costs[i]
     return removed
 
 
