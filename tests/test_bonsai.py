@@ -73,16 +73,47 @@ def test_regression_prior_anchor_helps_when_samples_are_few():
     assert kendall(anchored.coef, w) >= kendall(prior, w) - 0.02  # never much worse than the prior
 
 
+@pytest.mark.parametrize("anchor", ["shared", "per-group"])
+def test_regression_anchor_survives_one_huge_low_prior_unit(anchor):
+    """SmolLM2's round 1: one attention group worth ~2.8 nats has a low prior. Fitting the anchor's scale
+    first gave 0, and L1 then shrank every unresolved unit to 0 (= free to drop). Jointly, the huge unit
+    gets its own correction and the anchor keeps the prior's ranking for the rest."""
+    rng = np.random.default_rng(4)
+    f = 40
+    w = rng.uniform(0.5, 1.5, f)
+    w[0] = 100.0  # the catastrophic unit
+    prior = w.copy()
+    prior[0] = 0.1  # ... which the prior misses
+    groups = np.array(["attn"] * 10 + ["mlp"] * 30)
+    keep, pairs = _antithetic(32, f, seed=5)  # 16 pairs for 40 features: the prior has to carry the rest
+    losses = 4.0 - 0.01 * keep @ w
+    fit = fit_importance(keep, losses, prior=prior, groups=groups, pairs=pairs, penalty="l1", anchor=anchor)
+    assert all(v > 0 for v in fit.scales.values())
+    assert np.argmax(fit.coef) == 0
+    assert (fit.coef[1:] > 0).all()  # nothing unresolved looks free to drop
+    for g in ("attn", "mlp"):  # per-group scales may differ a little, so rank within each group
+        sel = (groups == g) & (np.arange(f) > 0)
+        assert kendall(fit.coef[sel], w[sel]) > 0.8
+    if anchor == "shared":
+        assert kendall(fit.coef[1:], w[1:]) > 0.8
+
+
 def test_regression_split_taus_and_scales_per_group():
     rng = np.random.default_rng(3)
     groups = np.array(["attn"] * 10 + ["mlp"] * 40)
     w = np.where(groups == "attn", 0.0, rng.uniform(0, 1, 50))  # attention carries no signal at all
     keep, pairs = _antithetic(64, 50)
     losses = 4.0 - 0.01 * keep @ w + rng.normal(0, 1e-4, 64)
-    fit = fit_importance(keep, losses, prior=np.ones(50), groups=groups, pairs=pairs)
+    no_attn_prior = np.where(groups == "attn", 0.0, 1.0)
+    fit = fit_importance(keep, losses, prior=no_attn_prior, groups=groups, pairs=pairs, anchor="per-group")
     assert fit.tau_groups["mlp"] > 0.7
     assert abs(fit.tau_groups["attn"]) < 0.4
-    assert set(fit.scales) == {"attn", "mlp"} and all(v >= 0 for v in fit.scales.values())
+    assert set(fit.scales) == {"attn", "mlp"} and fit.scales["mlp"] > 0
+    assert not fit.extra["anchor_fallback"]
+    # a prior for attention that the losses do not support fits a zero attention scale: with it every
+    # attention unit would look free to drop, so the shared scale is used instead
+    fit = fit_importance(keep, losses, prior=np.ones(50), groups=groups, pairs=pairs, anchor="per-group")
+    assert fit.extra["anchor_fallback"] and set(fit.scales) == {"shared"} and fit.scales["shared"] > 0
 
 
 def test_targets_are_centred_and_capped():
@@ -150,7 +181,7 @@ def test_few_units_attention_groups_are_candidates():
     assert {(1, 0), (2, 0)} <= attn
     # and they are dropped when the losses say they matter least
     plan = _FakeBonsai(
-        BonsaiConfig(sparsity=0.1, prior="magnitude", masks_per_round=32, channel_bundle=1)
+        BonsaiConfig(sparsity=0.1, prior="magnitude", masks_per_round=32, channel_bundle=4)
     ).plan(model, space, _calib())
     canon = plan.canonical(space)
     assert 0 not in canon.layers[1].groups(2) and 0 not in canon.layers[2].groups(2)

@@ -12,8 +12,11 @@ The fit is anchored at the prior, the closed-form counterpart of the reference's
 coefficients at the normalised prior, then train with a penalty":
 
 1. Anchor: `beta = c_g * prior_f` with one non-negative scale `c_g` per feature group (attention /
-   MLP), fitted by non-negative least squares. This calibrates how the prior's scale compares across
-   unit kinds: two numbers, well determined by a few dozen sub-models.
+   MLP; `anchor="per-group"`, default) or one for all (`"shared"`). Per group calibrates how the prior's
+   scale compares across unit kinds: two numbers, well determined by a few dozen sub-models. If a
+   group's scale still fits to 0 the shared scale is used instead (`extra["anchor_fallback"]`): with a
+   zero anchor every unresolved unit of that kind would look free to drop.
+   The scales are fitted jointly with the corrections below (block coordinate descent), not first.
 2. Correction: the residual is regressed on the masks with an L2 (ridge, closed form) or L1
    (`sklearn.linear_model.Lasso`, started from zero correction, i.e. at the scaled prior) penalty, so the penalty shrinks towards the scaled prior rather than
    towards zero. The penalty `alpha` is relative: for L2 it multiplies the mean diagonal of `X^T X`; for
@@ -46,6 +49,7 @@ from scipy.optimize import nnls
 from scipy.stats import kendalltau
 
 PENALTIES = ("l2", "l1")
+ANCHORS = ("shared", "per-group")
 DEFAULT_ALPHAS = {
     "l2": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),  # x mean diagonal of X^T X
     "l1": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),  # x alpha_max (the penalty that zeroes every correction)
@@ -83,6 +87,7 @@ class RegressionFit:
             "scales": {k: float(f"{v:.4g}") for k, v in self.scales.items()},
             "folds": self.folds,
             "samples": self.samples,
+            **self.extra,
         }
 
 
@@ -129,6 +134,9 @@ class _Model:
         return np.stack([xc[:, gidx == g] @ self.coef[gidx == g] for g in range(n_groups)], axis=1)
 
 
+JOINT_ITERS = 30  # block coordinate descent sweeps (anchor scales <-> penalised corrections)
+
+
 def _fit_one(
     x: np.ndarray,
     y: np.ndarray,
@@ -138,35 +146,68 @@ def _fit_one(
     penalty: str,
     alpha: float,
     seed: int,
+    shared: bool = False,
 ) -> _Model:
+    """Anchor scales and corrections fitted jointly: `y ~ X (c_g prior + delta)`, penalty on delta only.
+
+    Joint, because a lone unit with a huge effect and a low prior (SmolLM2 has one) would otherwise
+    drive the anchor's least-squares scale to 0 before any correction could explain that unit; with a
+    zero anchor, L1 shrinks every unresolved unit to "free to drop". Alternating non-negative least
+    squares for the scales and the penalised fit for the corrections converges: the problem is jointly
+    convex.
+    """
     x_mean, y_mean = x.mean(axis=0), float(y.mean())
     xc, yc = x - x_mean, y - y_mean
-    # 1. anchor: one non-negative scale per group on the prior
+    if shared:
+        gidx, n_groups = np.zeros_like(gidx), 1
     z = np.stack([xc[:, gidx == g] @ prior[gidx == g] for g in range(n_groups)], axis=1)
     usable = np.abs(z).sum(axis=0) > 0
-    scales = np.zeros(n_groups)
-    if usable.any():
-        scales[usable] = nnls(z[:, usable], yc)[0]
-    base = scales[gidx] * prior
-    r = yc - xc @ base
-    # 2. penalised correction of the residual
-    delta = np.zeros_like(base)
+
+    def anchor(target: np.ndarray) -> np.ndarray:
+        c = np.zeros(n_groups)
+        if usable.any():
+            c[usable] = nnls(z[:, usable], target)[0]
+        return c
+
+    scales = anchor(yc)
+    delta = np.zeros(x.shape[1])
     if math.isfinite(alpha):
+        r0 = yc - z @ scales
         if penalty == "l2":
             lam = alpha * max(float((xc**2).sum()) / xc.shape[1], 1e-12)
-            gram = xc @ xc.T  # dual form: S x S, cheap when features outnumber samples
-            delta = xc.T @ np.linalg.solve(gram + lam * np.eye(len(y)), r)
+            solve = np.linalg.inv(xc @ xc.T + lam * np.eye(len(y)))  # dual form: S x S
+
+            def correct(r):
+                return xc.T @ (solve @ r)
+
         else:
             from sklearn.linear_model import Lasso
 
-            alpha_max = float(np.abs(xc.T @ r).max()) / len(y)
+            alpha_max = float(np.abs(xc.T @ r0).max()) / len(y)
+            lasso = None
             if alpha_max > 0 and alpha < 1:
+                lasso = Lasso(
+                    alpha=alpha * alpha_max,
+                    fit_intercept=False,
+                    max_iter=20000,
+                    random_state=seed,
+                    warm_start=True,  # each sweep starts from the last corrections
+                )
+
+            def correct(r):
+                if lasso is None:
+                    return np.zeros(x.shape[1])
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # convergence warnings on tiny folds
-                    lasso = Lasso(
-                        alpha=alpha * alpha_max, fit_intercept=False, max_iter=20000, random_state=seed
-                    )
-                    delta = lasso.fit(xc, r).coef_.astype(np.float64)
+                    return lasso.fit(xc, r).coef_.astype(np.float64).copy()
+
+        for _ in range(JOINT_ITERS):
+            delta = correct(yc - z @ scales)
+            new = anchor(yc - xc @ delta)
+            if np.allclose(new, scales, rtol=1e-6, atol=1e-15):
+                break
+            scales = new
+    base = scales[gidx] * prior
     return _Model(base + delta, x_mean, y_mean, scales)
 
 
@@ -189,6 +230,7 @@ def fit_importance(
     folds: int = 5,
     cap: float = 3.0,
     seed: int = 0,
+    anchor: str = "per-group",
 ) -> RegressionFit:
     """Fit feature importances from `keep` [S, F] (1 = kept) and `losses` [S]; see the module docstring.
 
@@ -205,6 +247,9 @@ def fit_importance(
     """
     if penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    shared = anchor == "shared"
     x = np.asarray(keep, dtype=np.float64)
     s, f = x.shape
     y = prepare_targets(losses, cap)
@@ -221,7 +266,7 @@ def fit_importance(
     for test in tests:
         train = ~test
         for a in grid:
-            m = _fit_one(x[train], y[train], prior, gidx, ng, penalty, a, seed)
+            m = _fit_one(x[train], y[train], prior, gidx, ng, penalty, a, seed, shared)
             oof[a][test] = m.parts(x[test], gidx, ng)
     taus = {a: kendall(oof[a].sum(axis=1), y) for a in grid}
     best = grid[0]
@@ -233,7 +278,12 @@ def fit_importance(
     tau_groups = {}
     for g, name in enumerate(names):
         tau_groups[name] = kendall(parts[:, g], y - (total - parts[:, g]))
-    final = _fit_one(x, y, prior, gidx, ng, penalty, best, seed)
+    final = _fit_one(x, y, prior, gidx, ng, penalty, best, seed, shared)
+    fallback = False
+    if not shared and (prior > 0).any():
+        has_prior = np.array([(prior[gidx == g] > 0).any() for g in range(ng)])
+        if (final.scales[has_prior] <= 0).any():  # that kind's unresolved units would look free to drop
+            final, shared, fallback = _fit_one(x, y, prior, gidx, ng, penalty, best, seed, True), True, True
     intercept = final.y_mean - float(final.x_mean @ final.coef)
     return RegressionFit(
         coef=final.coef,
@@ -243,7 +293,10 @@ def fit_importance(
         tau_prior=taus[math.inf],
         tau_groups=tau_groups if ng > 1 else {},
         taus=taus,
-        scales={name: float(final.scales[g]) for g, name in enumerate(names)},
+        scales={"shared": float(final.scales[0])}
+        if shared
+        else {name: float(final.scales[g]) for g, name in enumerate(names)},
         folds=k,
         samples=s,
+        extra={"anchor_fallback": fallback},
     )
