@@ -32,8 +32,8 @@ every layer at once and none in the complement. Instead:
   3 groups of layer 0 among them, and the sub-models were wrecked (mean loss 6.4 against 3.6). MLP
   channels keep the per-layer (per-module) rule: 1536 channels per layer is plenty.
 * Each regression feature is dropped independently (Bernoulli) with probability proportional to
-  `max_prior - prior` (module max; for attention on the relative scale), scaled to a per-kind mean drop rate (`attn_drop_rate`,
-  `mlp_drop_rate`, default 1/2), and its complement drops exactly the others. So the number dropped per
+  `max_prior - prior` (module max; for attention on the relative scale), scaled to a per-kind mean drop
+  rate (`attn_drop_rate`, `mlp_drop_rate`, default 1/2), and its complement drops exactly the others. So the number dropped per
   kind and per layer varies from sample to sample: the regression can tell how attention as a whole
   compares with MLP and one layer with another, which a fixed count per module would make
   unidentifiable (it would be collinear with the intercept).
@@ -50,11 +50,14 @@ every layer at once and none in the complement. Instead:
   prior alone for comparison, and stored in `plan.info["rounds"]`.
 
 Budget (defaults, SmolLM2-135M at 50% from the CLI's 32 x 128-token calibration windows): 5 rounds x
-(48 sub-models + the current model) x 8 windows x 128 tokens = 251k tokens of sub-model evaluation, plus
-5 prior passes over the 32 windows (20k tokens): about 0.27M tokens, later rounds on an ever smaller
-model. That is about 0.1% of the reference's 10 rounds x 200 masks x 32 x 4096 tokens; the prior anchor
-and the bundles are what make it informative at this size. In general: rounds x ((masks_per_round + 1)
-x eval_windows + prior_windows) x seq_len.
+(40 sub-models + the current model) x 6 windows x 128 tokens = 157k tokens of sub-model evaluation, plus
+5 prior passes over 16 windows (10k tokens): 0.17M tokens, later rounds on an ever smaller model (about
+0.14M dense-model equivalents). That is about 0.06% of the reference's 10 rounds x 200 masks x 32 x 4096
+tokens; the prior anchor and the bundles are what make it informative at this size. In general: rounds
+x ((masks_per_round + 1) x eval_windows + prior_windows) x seq_len. Measured on the 2-core AMD EPYC
+(AVX2) development machine: SmolLM2-135M in fp32 runs ~105 tokens/s per core (one thread), so ~200/s
+on 2 cores: about 12-13 minutes for 50%. The earlier 48 x 8-window setting (0.27M tokens) would take
+about 19 minutes there.
 
 Long runs: `checkpoint_dir` keeps the composed plan, round index, generator state, per-round figures and
 counters after every round; `resume=True` re-applies the plan to a fresh copy of the original model and
@@ -107,14 +110,14 @@ class BonsaiConfig(MethodConfig):
         },
     )
     masks_per_round: int = field(
-        default=48, metadata={"help": "sub-models scored per round, in antithetic pairs (reference: 200)"}
+        default=40, metadata={"help": "sub-models scored per round, in antithetic pairs (reference: 200)"}
     )
     eval_windows: int = field(
-        default=8,
+        default=6,
         metadata={"help": "calibration windows each sub-model is scored on, redrawn per round (0: all)"},
     )
     prior_windows: int = field(
-        default=0, metadata={"help": "calibration windows for the prior's pass each round (0: all)"}
+        default=16, metadata={"help": "calibration windows for the prior's pass each round (0: all)"}
     )
     prior: str = field(
         default="wanda-sp",
