@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,7 +25,6 @@ class Measured:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     cuda_peak_mb: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @contextmanager
