@@ -1,11 +1,14 @@
 """The CLI end to end on a tiny model, and every bad input: one line, exit 2, nothing written."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from secateurs import compare
 from secateurs.cli import main
+from secateurs.methods.base import REGISTRY
 
 SMALL = [
     "--nsamples",
@@ -132,8 +135,6 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_setting_of_another_method_is_refused(tiny_dir, tmp_path, capsys):
-    from secateurs.methods.base import REGISTRY
-
     model, text = tiny_dir
     if len({c.config_class for c in REGISTRY.values()}) < 3:
         pytest.skip("needs a method with its own settings")
@@ -144,7 +145,7 @@ def test_setting_of_another_method_is_refused(tiny_dir, tmp_path, capsys):
     assert _prune(model, text, tmp_path / "out", "--method", "random", opt, "1") in (2,)
 
 
-def test_compare_runs_each_method_in_its_own_process_and_caches(tiny_dir, tmp_path, capsys):
+def test_compare_runs_each_method_in_its_own_process_and_caches(tiny_dir, tmp_path, capsys, monkeypatch):
     model, text = tiny_dir
     res = tmp_path / "res"
     argv = [
@@ -175,8 +176,20 @@ def test_compare_runs_each_method_in_its_own_process_and_caches(tiny_dir, tmp_pa
         assert r["ppl"] > 0 and r["peak_rss_mb"] > 0 and r["eval_tokens"] == 256
     assert "| magnitude | 30% |" in (res / "compare.md").read_text()
     first = (res / "compare.json").read_text()
-    assert main(argv) == 0  # cached: same figures, no new processes needed
-    assert (res / "compare.json").read_text() == first
+    calls, real = [], compare.run_one
+    monkeypatch.setattr(compare, "run_one", lambda *a: calls.append(a[1:3]) or real(*a))
+    assert main(argv) == 0  # cached: same figures, no new processes
+    assert (res / "compare.json").read_text() == first and calls == []
+    # a changed default is part of the key: only the affected method runs again
+    method = REGISTRY["random"]
+
+    @dataclasses.dataclass
+    class NewDefaults(method.config_class):
+        seed: int = 1234
+
+    monkeypatch.setattr(method, "config_class", NewDefaults)
+    assert main(argv) == 0
+    assert calls == [("random", 0.3)]
 
 
 def test_a_method_registered_in_a_test_is_usable_from_the_cli(tiny_dir, tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 Each run is its own process (`secateurs prune ... --json`), so its peak memory is its own; the dense
 evaluation is cached on disk and computed once; each run's result is cached under a key of (model,
-method, sparsity, data settings, extra settings, secateurs version), so a re-run computes only what
-changed.
+method, sparsity, extra settings, the method's and the data's defaults, secateurs version), so a re-run
+computes only what changed.
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def _settings_for(method: str, extra: dict[str, str]) -> list[str]:
         if key.replace("-", "_") in names:
             out += [f"--{key}"] + ([] if value is None else [value])
     return out
+
+
+def _defaults(method: str, sparsity: float) -> dict[str, Any]:
+    """The method's and the data's default settings: part of the cache key, so that changing a default
+    re-runs what it affects instead of serving a stale result."""
+    from secateurs.methods import get_method
+
+    config = get_method(method).config_class(sparsity=sparsity)
+    return json.loads(
+        json.dumps({"method": dataclasses.asdict(config), "data": dataclasses.asdict(DataConfig())})
+    )
 
 
 def _parse_extra(args: list[str]) -> dict[str, str | None]:
@@ -160,6 +171,7 @@ def run_compare(cfg: CompareConfig, passthrough: list[str] | None = None) -> lis
             "method": method,
             "sparsity": sparsity,
             "settings": settings,
+            "defaults": _defaults(method, sparsity),
             "device": cfg.device,
             "dtype": cfg.dtype,
             "version": __version__,
