@@ -228,7 +228,9 @@ def test_evaluator_losses_match_full_logits(family):
     model = tiny_model(family)
     space = UnitSpace.from_model(model)
     windows = _ids(batch=3, length=10, seed=4)
-    masks = Masks.stack([Masks.from_plan(random_plan(space, seed=s, corrections=False), space) for s in range(4)])
+    masks = Masks.stack(
+        [Masks.from_plan(random_plan(space, seed=s, corrections=False), space) for s in range(4)]
+    )
     ev = SubmodelEvaluator(model, windows, max_rows=5)  # 12 rows in forwards of 5: masks straddle forwards
     got = ev.losses(masks)
     for r in range(4):

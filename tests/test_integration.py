@@ -76,7 +76,9 @@ def test_cli_prunes_the_default_model(tmp_path, capsys):
     record = json.loads((out / "plan.json").read_text())
     p = record["parameters"]
     removed = p["dense_prunable"] - p["pruned_prunable"]
-    assert math.ceil(0.2 * p["dense_prunable"]) <= removed < 0.2 * p["dense_prunable"] + 3 * 576  # < one channel
+    assert (
+        math.ceil(0.2 * p["dense_prunable"]) <= removed < 0.2 * p["dense_prunable"] + 3 * 576
+    )  # < one channel
     rep = record["report"]
     assert rep["pruned_eval"]["tokens"] == 1024 and rep["pruned_eval"]["seq_len"] == 128
     # a 20% prune costs perplexity but leaves a language model, not noise
