@@ -277,16 +277,66 @@ def test_layer_gate_samples_multiply_blocks():
     assert m.mlp_block.tolist() == [[1, 0, 1], [1, 1, 1]]
 
 
-def test_resume_reproduces_the_uninterrupted_plan(tmp_path):
+def _first_half_important(space, important):
+    """Bundles of consecutive channels can only learn a pattern that is constant within bundles."""
+    important["mlp_channel"] = [(torch.arange(48) < 24).float() for _ in range(space.n_layers)]
+    return important
+
+
+def test_bundles_learn_which_bundles_are_useless():
     space, important = _synthetic()
-    full = PolicyGradient(_cfg(), evaluator_factory=FakeEvaluator(space, important)).plan(None, space, CALIB)
-    cfg = _cfg(checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4)
+    important = _first_half_important(space, important)
+    fake = FakeEvaluator(space, important)
+    # uniform init: bundles are consecutive channels, 0-7 | 8-15 | ... ; the first three matter
+    cfg = _cfg(steps=200, samples=8, lr=0.1, channel_bundle=8)
+    plan = PolicyGradient(cfg, evaluator_factory=fake).plan(None, space, CALIB)
+    for i, lp in enumerate(plan.canonical(space).layers):
+        assert set(range(24)) <= set(lp.channels(48)), f"layer {i} lost important channels"
+        ch = torch.tensor(plan.info["probabilities"]["mlp_channel"][i])
+        assert ch[24:].max() < ch[:24].min()
+        assert len(set(ch[:8].round(decimals=4).tolist())) == 1  # one probability per bundle
+    removed = space.total_cost - plan.kept_cost(space)
+    assert target_params(space, 0.4) <= removed < target_params(space, 0.4) + space.layers[0].channel_cost
+
+
+def test_bundles_follow_the_init_order_and_expand_to_channels():
+    model = tiny_model("llama", layers=3, seed=2)
+    space = UnitSpace.from_model(model)
+    cfg = PolicyGradientConfig(sparsity=0.4, init="magnitude", channel_bundle=8)
+    state = PolicyGradient(cfg).learn(model, space, CALIB, max_steps=0)
+    vec = UnitVector(space, cfg.units, state.ties)
+    n_ch = space.n_units("mlp_channel")
+    assert vec.n == sum(space.n_units("attn_group")) + sum(math.ceil(n / 8) for n in n_ch)
+    assert float(vec.layout.expected(state.s)) == pytest.approx(0.6 * space.total_cost, rel=1e-9)
+    metric = get_method("magnitude")().scores(model, space, CALIB)["mlp_channel"]
+    for i, tie in enumerate(vec.ties["mlp_channel"]):
+        by_score = tie[torch.argsort(metric[i].double(), stable=True)]
+        assert torch.equal(by_score, torch.sort(by_score).values)  # consecutive in score order
+        assert torch.equal(torch.bincount(tie), torch.full((n_ch[i] // 8,), 8))
+    samples = torch.ones(1, vec.n)
+    samples[0, vec.slices["mlp_channel"][1].start] = 0  # layer 1's lowest-score bundle
+    m = vec.masks(samples)
+    assert torch.equal(m.channels[1][0] == 0, vec.ties["mlp_channel"][1] == 0)
+    assert int((m.channels[0] == 0).sum()) == 0 and int((m.channels[2] == 0).sum()) == 0
+
+
+@pytest.mark.parametrize("bundle", [1, 8])
+def test_resume_reproduces_the_uninterrupted_plan(tmp_path, bundle):
+    space, important = _synthetic()
+    if bundle > 1:
+        important = _first_half_important(space, important)
+    full = PolicyGradient(
+        _cfg(channel_bundle=bundle), evaluator_factory=FakeEvaluator(space, important)
+    ).plan(None, space, CALIB)
+    cfg = _cfg(checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4, channel_bundle=bundle)
     first = PolicyGradient(cfg, evaluator_factory=FakeEvaluator(space, important))
     state = first.learn(None, space, CALIB, max_steps=23)  # interrupted after 23 of 60 steps
     assert state.step == 23 and load_state(cfg.checkpoint_dir)["step"] == 23
     with pytest.raises(ConfigError, match="already holds"):
         PolicyGradient(cfg, evaluator_factory=FakeEvaluator(space, important)).learn(None, space, CALIB)
-    resumed_cfg = _cfg(checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4, resume=True)
+    resumed_cfg = _cfg(
+        checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4, resume=True, channel_bundle=bundle
+    )
     resumed = PolicyGradient(resumed_cfg, evaluator_factory=FakeEvaluator(space, important)).plan(
         None, space, CALIB
     )
@@ -294,9 +344,9 @@ def test_resume_reproduces_the_uninterrupted_plan(tmp_path):
     assert resumed.info["probabilities"] == full.info["probabilities"]
     assert resumed.info["training"] == full.info["training"]
     with pytest.raises(ConfigError, match="lr"):
-        PolicyGradient(_cfg(checkpoint_dir=str(tmp_path / "ck"), resume=True, lr=0.2)).learn(
-            None, space, CALIB
-        )
+        PolicyGradient(
+            _cfg(checkpoint_dir=str(tmp_path / "ck"), resume=True, lr=0.2, channel_bundle=bundle)
+        ).learn(None, space, CALIB)
 
 
 @pytest.mark.parametrize("how", ["raise", "nan"])
@@ -332,6 +382,7 @@ def test_config_validation():
         dict(),
         dict(budget="per-kind", estimator="exact", baseline="leave-one-out"),
         dict(allocation="uniform"),
+        dict(channel_bundle=0, init="wanda-sp"),
         dict(units=("attn_group", "mlp_channel", "layer", "mlp_block"), init="uniform"),
     ],
 )

@@ -117,6 +117,13 @@ class PolicyGradientConfig(MethodConfig):
         metadata={"help": "calibration windows longer than this are cut into pieces this long (0: never)"},
     )
     windows_per_step: int = field(default=1, metadata={"help": "calibration windows per step (all K masks)"})
+    channel_bundle: int = field(
+        default=1,
+        metadata={
+            "help": "MLP channels sharing one probability, consecutive by init score within a layer "
+            "(1: one per channel, as the reference; 0: about one GQA group's parameters)"
+        },
+    )
     checkpoint_dir: str | None = field(default=None, metadata={"help": "save the run state here"})
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint_dir"})
@@ -134,6 +141,8 @@ class PolicyGradientConfig(MethodConfig):
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.channel_bundle < 0:
+            raise ConfigError(f"channel_bundle must be >= 0, got {self.channel_bundle}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.eps < 0.5:
@@ -174,6 +183,8 @@ class PGState:
     curve: dict[str, list[float]]
     tokens: int = 0  # tokens through the model: K masks x windows x length, summed over steps
     forwards: int = 0  # batched forward calls (where the evaluator counts them)
+    ties: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # UnitVector ties (bundles)
+    order: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # init score rank within a layer
 
     def to_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -187,6 +198,8 @@ class PGState:
             "curve": {k: list(v) for k, v in self.curve.items()},
             "tokens": self.tokens,
             "forwards": self.forwards,
+            "ties": self.ties,
+            "order": self.order,
         }
 
 
@@ -198,15 +211,23 @@ class UnitVector:
     layout: 2*l is layer l's attention, 2*l+1 its MLP.
     """
 
-    def __init__(self, space: UnitSpace, units: tuple[str, ...]):
+    def __init__(
+        self, space: UnitSpace, units: tuple[str, ...], ties: dict[str, list[torch.Tensor]] | None = None
+    ):
         self.space = space
         self.fine = [k for k in FINE if k in units]
         self.gates = [k for k in GATES if k in units]
+        # ties[kind][layer][u] = the coordinate (within the layer) that unit u shares; default: its own.
+        self.ties = {k: [torch.arange(n) for n in space.n_units(k)] for k in self.fine}
+        for kind, per_layer in (ties or {}).items():
+            if kind in self.ties:
+                self.ties[kind] = [t.to(torch.long) for t in per_layer]
         self.slices: dict[str, list[slice | None]] = {}
         pos = 0
         for kind in self.fine:
             self.slices[kind] = []
-            for n in space.n_units(kind):
+            for t in self.ties[kind]:
+                n = int(t.max()) + 1 if t.numel() else 0
                 self.slices[kind].append(slice(pos, pos + n))
                 pos += n
         self.n_fine = pos
@@ -233,7 +254,8 @@ class UnitVector:
             ):
                 if kind in self.fine:
                     sl = self.slices[kind][i]
-                    cost[sl], block[sl] = float(unit_cost), b
+                    members = torch.bincount(self.ties[kind][i], minlength=sl.stop - sl.start)
+                    cost[sl], block[sl] = float(unit_cost) * members.to(torch.float64), b
                 else:  # not pruned: a fixed part of its block
                     fixed[b] += unit_cost * count
         gate_blocks = torch.zeros(self.n - self.n_fine, 2 * n_layers, dtype=torch.bool)
@@ -251,15 +273,14 @@ class UnitVector:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def per_layer(self, flat: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        """Per layer, one value per coordinate (a bundle of tied units has one)."""
         return [flat[..., sl] if sl is not None else flat[..., :0] for sl in self.slices[kind]]
 
-    def to_flat(self, per_kind: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        out = torch.empty(self.n, dtype=torch.float64)
-        for kind in self.fine + self.gates:
-            for sl, t in zip(self.slices[kind], per_kind[kind], strict=True):
-                if sl is not None:
-                    out[sl] = t.to(torch.float64).flatten()
-        return out
+    def per_unit(self, flat: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        """Per layer, one value per unit: tied units repeat their bundle's value."""
+        if kind not in self.ties:
+            return self.per_layer(flat, kind)
+        return [c[..., t] for c, t in zip(self.per_layer(flat, kind), self.ties[kind], strict=True)]
 
     def masks(self, samples: torch.Tensor) -> Masks:
         """Masks with one row per sample [K, n]; unlearned kinds stay at 1; gates multiply into blocks."""
@@ -268,7 +289,7 @@ class UnitVector:
         m = Masks.ones(self.space, k)
         for kind, target in ((Kind.ATTN_GROUP.value, m.groups), (Kind.MLP_CHANNEL.value, m.channels)):
             if kind in self.fine:
-                for i, t in enumerate(self.per_layer(samples, kind)):
+                for i, t in enumerate(self.per_unit(samples, kind)):
                     target[i] = t.clone()
         for kind in self.gates:
             for i, sl in enumerate(self.slices[kind]):
@@ -311,6 +332,38 @@ def _split_windows(calib: torch.Tensor, split_len: int) -> torch.Tensor:
         return calib
     pieces = t // split_len
     return calib[:, : pieces * split_len].reshape(n * pieces, split_len)
+
+
+def _bundles(
+    space: UnitSpace, scores: UnitScores | None, size: int
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """MLP channels tied into bundles of `size` (0: about one GQA group's parameters), consecutive in
+    init-score order within their layer, and each channel's rank in that order. Why: at ~1,000 sampled
+    masks, a single channel's effect on the loss is far below the noise of the others', so per-channel
+    probabilities mostly random-walk away from the init; a bundle's effect is large enough to learn."""
+    kind = Kind.MLP_CHANNEL.value
+    if size == 1:
+        return {}, {}
+    ties, ranks = [], []
+    for i, (n, lu) in enumerate(zip(space.n_units(kind), space.layers, strict=True)):
+        tie, rank = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        if n:
+            s = scores[kind][i].flatten().double() if scores is not None else torch.zeros(n)
+            order = torch.argsort(s, stable=True)
+            rank[order] = torch.arange(n)
+            per = size or max(1, round(lu.group_cost / lu.channel_cost))
+            for j, chunk in enumerate(torch.tensor_split(order, max(1, round(n / per)))):
+                tie[chunk] = j
+        ties.append(tie)
+        ranks.append(rank)
+    return {kind: ties}, {kind: ranks}
+
+
+def _coord_mean(values: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the units that share each coordinate."""
+    n = int(tie.max()) + 1 if tie.numel() else 0
+    total = torch.zeros(n, dtype=values.dtype).index_add_(0, tie, values)
+    return total / torch.bincount(tie, minlength=n).clamp(min=1).to(values.dtype)
 
 
 def _kept_fractions(plan: Plan, space: UnitSpace) -> dict[str, list[float]]:
@@ -358,21 +411,28 @@ class PolicyGradient(Method):
     ) -> PGState:
         """Run (or resume) the optimisation; stop after `max_steps` steps in total if given."""
         cfg: PolicyGradientConfig = self.config
-        vec = UnitVector(space, cfg.units)
-        segments = vec.segments(cfg.allocation, cfg.budget)
-        state = self._resume(vec) if cfg.resume else None
+        state = self._resume() if cfg.resume else None
         if state is None:
             if cfg.checkpoint_dir and load_state(cfg.checkpoint_dir) is not None:
                 raise ConfigError(
                     f"{cfg.checkpoint_dir} already holds a checkpoint; pass resume or use a new directory"
                 )
+            s, ties, order = self._init(model, space, calib)
             state = PGState(
-                s=self._init(model, space, calib, vec, segments),
+                s=s,
                 baseline=None,
                 step=0,
                 generator=torch.Generator().manual_seed(cfg.seed).get_state(),
                 curve={"step": [], "loss": [], "baseline": [], "lr": []},
+                ties=ties,
+                order=order,
             )
+        vec = UnitVector(space, cfg.units, state.ties)
+        if state.s.numel() != vec.n:
+            raise ConfigError(
+                f"cannot resume: checkpoint has {state.s.numel()} coordinates, the model has {vec.n}"
+            )
+        segments = vec.segments(cfg.allocation, cfg.budget)
         windows = _split_windows(calib, cfg.split_len)
         order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))
         factory = self.evaluator_factory or (
@@ -424,8 +484,10 @@ class PolicyGradient(Method):
     def finish(self, state: PGState, space: UnitSpace) -> Plan:
         """Hard plan from the learned probabilities, with the probabilities and curve in `plan.info`."""
         cfg: PolicyGradientConfig = self.config
-        vec = UnitVector(space, cfg.units)
-        probs = {kind: vec.per_layer(state.s, kind) for kind in vec.fine + vec.gates}
+        vec = UnitVector(space, cfg.units, state.ties)
+        probs = {kind: vec.per_unit(state.s, kind) for kind in vec.fine + vec.gates}
+        for kind, ranks in state.order.items():  # within a bundle, the lower init score goes first
+            probs[kind] = [p + 1e-6 * r / max(r.numel(), 1) for p, r in zip(probs[kind], ranks, strict=True)]
         plan = self._select(probs, space, vec)
         expected = float(vec.layout.expected(state.s)) / space.total_cost
         kept = _kept_fractions(plan, space)
@@ -467,7 +529,9 @@ class PolicyGradient(Method):
         if t % cfg.log_every == 0 or t + 1 == cfg.steps:
             for key, val in (("step", t), ("loss", mean_loss), ("baseline", baseline), ("lr", lr)):
                 curve[key].append(float(val))
-        return PGState(s, baseline, t + 1, gen.get_state(), curve, state.tokens, state.forwards)
+        return PGState(
+            s, baseline, t + 1, gen.get_state(), curve, state.tokens, state.forwards, state.ties, state.order
+        )
 
     def _project(self, v: torch.Tensor, segments) -> torch.Tensor:
         cfg: PolicyGradientConfig = self.config
@@ -478,41 +542,57 @@ class PolicyGradient(Method):
         return out
 
     # -- init ------------------------------------------------------------------------------------
-    def _init(self, model, space, calib, vec: UnitVector, segments) -> torch.Tensor:
+    def _init(self, model, space, calib) -> tuple[torch.Tensor, dict, dict]:
         """Fine units: sigmoid(z-score of a metric) per kind, or the kept fraction; gates: `gate_init`.
-        Then every segment is shifted (fine units only) so its expected kept cost is the budget."""
+        Then every segment is shifted (fine units only) so its expected kept cost is the budget.
+        Returns the probabilities and the MLP bundles (ties and init-score ranks) they are over."""
         cfg: PolicyGradientConfig = self.config
         keep = 1.0 - cfg.sparsity
+        scores = self._metric_scores(model, space, calib)
+        ties, order = (
+            _bundles(space, scores, cfg.channel_bundle) if Kind.MLP_CHANNEL.value in cfg.units else ({}, {})
+        )
+        vec = UnitVector(space, cfg.units, ties)
         v = torch.full((vec.n,), keep, dtype=torch.float64)
         v[vec.n_fine :] = cfg.gate_init
-        if cfg.init != "uniform" and vec.fine:
-            method = get_method(cfg.init)
-            metric = method(MethodConfig(sparsity=cfg.sparsity, units=tuple(vec.fine), seed=cfg.seed))
-            if not hasattr(metric, "scores"):
-                raise ConfigError(f"init {cfg.init!r} is not a metric method (it has no per-unit scores)")
-            scores = metric.scores(model, space, calib)
-            for kind in vec.fine:
-                if cfg.init_scope == "global":
-                    flat = torch.cat([t.flatten().to(torch.float64) for t in scores[kind]])
-                    v[vec.indices(kind)] = zscore_sigmoid(flat)
-                else:
-                    for i, t in enumerate(scores[kind]):
-                        if t.numel():
-                            v[vec.indices(kind, [i])] = zscore_sigmoid(t.flatten())
-            log.info("policy gradient: initialised from %s scores", cfg.init)
+        for kind in vec.fine if scores else ():
+            coords = [
+                _coord_mean(t.flatten().to(torch.float64), tie)
+                for t, tie in zip(scores[kind], vec.ties[kind], strict=True)
+            ]
+            if cfg.init_scope == "global":
+                v[vec.indices(kind)] = zscore_sigmoid(torch.cat(coords))
+            else:
+                for i, c in enumerate(coords):
+                    if c.numel():
+                        v[vec.indices(kind, [i])] = zscore_sigmoid(c)
         shift = torch.zeros(vec.n, dtype=torch.float64)
         shift[: vec.n_fine or vec.n] = 1.0  # gates stay at gate_init (unless alone); fine units move together
         out = v.clamp(cfg.eps, 1 - cfg.eps)
-        for idx, layout in segments:
+        for idx, layout in vec.segments(cfg.allocation, cfg.budget):
             try:
                 out[idx] = project(
                     v[idx], layout, keep * layout.full(), lo=cfg.eps, hi=1 - cfg.eps, direction=shift[idx]
                 )
             except ValueError as e:
                 raise ConfigError(f"cannot start at the budget with gate_init={cfg.gate_init}: {e}") from None
-        return out
+        return out, ties, order
 
-    def _resume(self, vec: UnitVector) -> PGState | None:
+    def _metric_scores(self, model, space, calib) -> UnitScores | None:
+        """The init metric's per-unit scores of the fine kinds (None for a uniform init)."""
+        cfg: PolicyGradientConfig = self.config
+        fine = tuple(k for k in FINE if k in cfg.units)
+        if cfg.init == "uniform" or not fine:
+            return None
+        method = get_method(cfg.init)
+        metric = method(MethodConfig(sparsity=cfg.sparsity, units=fine, seed=cfg.seed))
+        if not hasattr(metric, "scores"):
+            raise ConfigError(f"init {cfg.init!r} is not a metric method (it has no per-unit scores)")
+        scores = metric.scores(model, space, calib)
+        log.info("policy gradient: initialised from %s scores", cfg.init)
+        return scores
+
+    def _resume(self) -> PGState | None:
         cfg: PolicyGradientConfig = self.config
         saved = load_state(cfg.checkpoint_dir)
         if saved is None:
@@ -526,10 +606,6 @@ class PolicyGradient(Method):
         diff = sorted(k for k in set(now) | set(then) if k not in _RESUMABLE and now.get(k) != then.get(k))
         if diff:
             raise ConfigError(f"cannot resume: settings differ from the checkpoint's: {', '.join(diff)}")
-        if saved["s"].numel() != vec.n:
-            raise ConfigError(
-                f"cannot resume: checkpoint has {saved['s'].numel()} units, the model has {vec.n}"
-            )
         log.info("resuming policy gradient from step %d of %d", saved["step"], cfg.steps)
         return PGState(
             saved["s"],
@@ -539,6 +615,8 @@ class PolicyGradient(Method):
             saved["curve"],
             saved["tokens"],
             saved["forwards"],
+            saved.get("ties", {}),
+            saved.get("order", {}),
         )
 
     # -- finish ----------------------------------------------------------------------------------
