@@ -174,6 +174,7 @@ def test_compare_runs_each_method_in_its_own_process_and_caches(tiny_dir, tmp_pa
     for r in rows:
         assert r["target"] - 1e-9 <= r["sparsity_attn_mlp"] < r["target"] + 0.01
         assert r["ppl"] > 0 and r["peak_rss_mb"] > 0 and r["eval_tokens"] == 256
+        assert r["shapes"] and set(r["shapes"][0]) == {"layer", "groups", "channels"}
     assert "| magnitude | 30% |" in (res / "compare.md").read_text()
     first = (res / "compare.json").read_text()
     calls, real = [], compare.run_one

@@ -134,6 +134,7 @@ def _row(method: str, sparsity: float, r: dict[str, Any]) -> dict[str, Any]:
         "tokens": rep.get("tokens"),
         "eval_tokens": rep["pruned_eval"]["tokens"],
         "eval_seq_len": rep["pruned_eval"]["seq_len"],
+        "shapes": rep.get("shapes"),
     }
 
 

@@ -137,6 +137,7 @@ def run_prune(
     # Methods that run sub-model forwards record them in plan.info; metric methods use one calibration pass.
     report["forwards"] = plan.info.get("forwards")
     report["tokens"] = plan.info.get("tokens", int(calib.numel()))
+    report["shapes"] = plan.shapes(space)  # kept GQA groups and MLP channels per layer
     if evaluate:
         key = {"model": model_name, "eval": ev_fp, "seq_len": data.eval_seq_len, "tokens": int(ev.numel())}
         key["dtype"] = str(next(model.parameters()).dtype)
