@@ -224,7 +224,9 @@ CALIB = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0)
 
 
 def _cfg(**kw):
-    base = dict(sparsity=0.4, steps=60, samples=4, lr=0.05, init="uniform", split_len=0, log_every=5)
+    base = dict(
+        sparsity=0.4, steps=60, samples=4, lr=0.05, init="uniform", split_len=0, log_every=5, channel_bundle=1
+    )
     return PolicyGradientConfig(**{**base, **kw})
 
 
@@ -382,7 +384,7 @@ def test_config_validation():
         dict(),
         dict(budget="per-kind", estimator="exact", baseline="leave-one-out"),
         dict(allocation="uniform"),
-        dict(channel_bundle=0, init="wanda-sp"),
+        dict(channel_bundle=1, init="wanda-sp"),
         dict(units=("attn_group", "mlp_channel", "layer", "mlp_block"), init="uniform"),
     ],
 )
@@ -424,7 +426,7 @@ def test_tiny_model_meets_target_and_plan_applies(kw):
 def test_metric_init_follows_the_metric_and_hits_the_budget(scope):
     model = tiny_model("llama", layers=3, seed=2)
     space = UnitSpace.from_model(model)
-    cfg = PolicyGradientConfig(sparsity=0.4, init="magnitude", init_scope=scope)
+    cfg = PolicyGradientConfig(sparsity=0.4, init="magnitude", init_scope=scope, channel_bundle=1)
     state = PolicyGradient(cfg).learn(model, space, CALIB, max_steps=0)
     vec = UnitVector(space, cfg.units)
     assert float(vec.layout.expected(state.s)) == pytest.approx(0.6 * space.total_cost, rel=1e-9)
