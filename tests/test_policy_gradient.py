@@ -230,11 +230,12 @@ def _cfg(**kw):
     return PolicyGradientConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("budget", ["global", "per-kind"])
-def test_learns_to_drop_useless_units(budget):
+@pytest.mark.parametrize("budget,baseline", [("global", "leave-one-out"), ("per-kind", "moving")])
+def test_learns_to_drop_useless_units(budget, baseline):
     space, important = _synthetic()
     fake = FakeEvaluator(space, important)
-    method = PolicyGradient(_cfg(budget=budget, steps=300, samples=8, lr=0.1), evaluator_factory=fake)
+    cfg = _cfg(budget=budget, baseline=baseline, steps=300, samples=8, lr=0.1)
+    method = PolicyGradient(cfg, evaluator_factory=fake)
     plan = method.plan(None, space, CALIB)
     assert fake.calls == [8] * 300  # one batched call of K masks per step
     for i, lp in enumerate(plan.canonical(space).layers):
@@ -382,7 +383,7 @@ def test_config_validation():
     "kw",
     [
         dict(),
-        dict(budget="per-kind", estimator="exact", baseline="leave-one-out"),
+        dict(budget="per-kind", estimator="exact", baseline="moving"),
         dict(allocation="uniform"),
         dict(channel_bundle=1, init="wanda-sp"),
         dict(units=("attn_group", "mlp_channel", "layer", "mlp_block"), init="uniform"),
