@@ -84,3 +84,29 @@ def test_cli_prunes_the_default_model(tmp_path, capsys):
     # a 20% prune costs perplexity but leaves a language model, not noise
     assert rep["dense_eval"]["ppl"] < rep["pruned_eval"]["ppl"] < 50 * rep["dense_eval"]["ppl"]
     assert "per-layer shape" in capsys.readouterr().out
+
+
+def test_policy_gradient_on_the_real_model_is_heterogeneous_and_bundled(default_model):
+    """A few steps on SmolLM2: 9 bundles of ~171 channels per layer, global budget met exactly,
+    per-layer shapes that differ, and a sliced model that still runs."""
+    from secateurs.methods import get_method
+    from secateurs.methods.policy_gradient import PolicyGradient, PolicyGradientConfig, UnitVector
+    from secateurs.methods.select import target_params
+
+    model, tok = default_model
+    calib = sample_windows(tok, load_documents("default", "calib"), 4, 64, seed=0)
+    space = UnitSpace.from_model(model)
+    cfg = PolicyGradientConfig(sparsity=0.5, steps=4, samples=2)
+    method = PolicyGradient(cfg)
+    state = method.learn(model, space, calib)
+    vec = UnitVector(space, cfg.units, state.ties)
+    assert vec.n == space.n_layers * (3 + 9)
+    plan = method.finish(state, space)
+    removed = space.total_cost - plan.kept_cost(space)
+    assert target_params(space, 0.5) <= removed < target_params(space, 0.5) + 3 * 576
+    assert len({(s["groups"], s["channels"]) for s in plan.shapes(space)}) > 1
+    assert get_method("policy-gradient") is PolicyGradient
+    pruned = apply_plan_(copy.deepcopy(model), plan)
+    with torch.inference_mode():
+        logits = pruned(calib[:1, :16]).logits
+    assert torch.isfinite(logits).all()
