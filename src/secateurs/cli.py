@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULT_METHOD = "block-influence"  # best forward-only method measured by `secateurs compare default` (20% and 50%); see README
+# Best forward-only method measured by `secateurs compare default` (README, "Default method"): 2.5x lower
+# perplexity than any other at 50%, 6% above block-influence at 20%.
+DEFAULT_METHOD = "policy-gradient"
 
 
 def main(argv: list[str] | None = None) -> int:
