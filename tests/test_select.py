@@ -107,3 +107,16 @@ def test_magnitude_scores_by_hand():
     plan = method.plan(model, space, None)
     assert 7 not in plan.layers[1].channels(48)
     assert plan.method == "magnitude" and plan.settings["sparsity"] == 0.01
+
+
+def test_global_keeps_the_best_attention_group_when_attention_scores_lowest():
+    space = _space()
+    scores = _random_scores(space)
+    for t in scores["attn_group"]:
+        t -= 10.0  # every group ranks below every channel: a plain global ranking takes them all
+    scores["attn_group"][2][1] += 5.0  # the best of them
+    plan = select(scores, space, 0.5, "global", ("attn_group", "mlp_channel")).canonical(space)
+    kept = [(i, g) for i, lp in enumerate(plan.layers) for g in lp.groups(space.layers[i].n_groups)]
+    assert kept == [(2, 1)]
+    removed = space.total_cost - plan.kept_cost(space)
+    assert target_params(space, 0.5) <= removed < target_params(space, 0.5) + space.layers[0].channel_cost

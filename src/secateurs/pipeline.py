@@ -22,6 +22,7 @@ from secateurs.errors import DataError
 from secateurs.eval.loss import perplexity
 from secateurs.eval.measure import measure
 from secateurs.methods.base import MethodConfig, get_method
+from secateurs.methods.select import check_reachable
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.saving import check_output_dir, plan_record, save_pruned
 from secateurs.units.plan import Plan
@@ -97,6 +98,7 @@ def make_plan(model: nn.Module, method: str, config: MethodConfig, calib: torch.
     """Run a registered method; the model comes back unchanged."""
     cls = get_method(method)
     space = UnitSpace.from_model(model)
+    check_reachable(space, config.sparsity, config.allocation, tuple(config.units))
     return cls(config).plan(model, space, calib)
 
 

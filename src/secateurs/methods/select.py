@@ -22,6 +22,13 @@ def target_params(space: UnitSpace, sparsity: float) -> int:
     return math.ceil(sparsity * space.total_cost - 1e-6)
 
 
+def check_reachable(space: UnitSpace, sparsity: float, allocation: str, units: tuple[str, ...]) -> None:
+    """Fail before any work, with `select`'s own message, when `units` cannot remove the target: a method
+    that learns first (policy gradient, Bonsai) would otherwise fail later with a message about itself."""
+    zeros = {k: [torch.zeros(n) for n in space.n_units(k)] for k in FINE + COARSE}
+    select(zeros, space, sparsity, allocation, units)
+
+
 def select(
     scores,
     space: UnitSpace,
@@ -143,7 +150,38 @@ def _would_remove_all_attention(drop, li: int, space: UnitSpace) -> bool:
 
 
 def _select_global(scores, space, budget, fine, drop) -> float:
-    return _greedy(_unit_table(scores, space, fine, drop), budget, drop, fine)
+    return _greedy(
+        _unit_table(_keep_one_attention(scores, space, fine, drop), space, fine, drop), budget, drop, fine
+    )
+
+
+def _keep_one_attention(scores, space, fine, drop):
+    """The highest-scoring attention group left is never offered: a global ranking can otherwise take
+    every group (a model without attention is refused by `Plan.canonical`), e.g. a policy gradient on a
+    model whose attention carries little."""
+    kind = Kind.ATTN_GROUP.value
+    layers = [
+        i for i, n in enumerate(space.n_units(kind)) if kind in fine and n and not _layer_gone(drop, kind, i)
+    ]
+    if not layers:
+        return scores
+    masked = {i: scores[kind][i].float().masked_fill(drop[kind][i], -math.inf) for i in layers}
+    best = max(layers, key=lambda i: float(masked[i].max()))
+    if float(masked[best].max()) == -math.inf:
+        return scores  # every group already dropped by an earlier pass
+    groups = [t.float().clone() for t in scores[kind]]
+    groups[best][int(masked[best].argmax())] = math.inf
+    return _Replaced(scores, kind, groups)
+
+
+class _Replaced:
+    """`scores` (any `scores[kind]` mapping) with one kind's list replaced."""
+
+    def __init__(self, scores, kind: str, value: list[torch.Tensor]):
+        self.scores, self.kind, self.value = scores, kind, value
+
+    def __getitem__(self, kind: str) -> list[torch.Tensor]:
+        return self.value if kind == self.kind else self.scores[kind]
 
 
 def _select_uniform(scores, space, budget, fine, drop) -> float:
