@@ -240,3 +240,11 @@ def test_bench_prints_ratios_next_to_the_bound(tiny_dir, tmp_path, capsys):
     assert "prefill tok/s" in printed and "decode tok/s" in printed and "MAC bound" in printed
     r = json.loads(printed.strip().splitlines()[-1])
     assert r["pruned"]["macs_per_token"] < r["dense"]["macs_per_token"]
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_registered_method_prunes_through_the_cli(tiny_dir, tmp_path, method):
+    model, text = tiny_dir
+    assert _prune(model, text, tmp_path / "out", "--method", method, "--sparsity", "0.3", "--no-eval") == 0
+    record = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert record["method"] == method and record["parameters"]["sparsity"] >= 0.3 - 1e-9

@@ -5,7 +5,7 @@ import torch
 
 from secateurs.errors import ConfigError
 from secateurs.methods.base import MethodConfig, UnitScores, get_method
-from secateurs.methods.select import select, target_params
+from secateurs.methods.select import check_reachable, select, target_params
 from secateurs.testing import tiny_model
 from secateurs.units.space import UnitSpace
 
@@ -120,3 +120,16 @@ def test_global_keeps_the_best_attention_group_when_attention_scores_lowest():
     assert kept == [(2, 1)]
     removed = space.total_cost - plan.kept_cost(space)
     assert target_params(space, 0.5) <= removed < target_params(space, 0.5) + space.layers[0].channel_cost
+
+
+@pytest.mark.parametrize(
+    "units", [("layer",), ("attn_block", "mlp_block"), ("attn_group", "mlp_channel", "layer")]
+)
+def test_reachability_check_accepts_every_unit_kind(units):
+    space = _space()
+    check_reachable(space, 0.2, "global", units)  # the check the CLI runs before every method
+
+
+def test_reachability_check_refuses_what_no_plan_can_do():
+    with pytest.raises(ConfigError, match="remove every unit"):
+        check_reachable(_space(), 0.9, "global", ("attn_group",))

@@ -25,7 +25,9 @@ def target_params(space: UnitSpace, sparsity: float) -> int:
 def check_reachable(space: UnitSpace, sparsity: float, allocation: str, units: tuple[str, ...]) -> None:
     """Fail before any work, with `select`'s own message, when `units` cannot remove the target: a method
     that learns first (policy gradient, Bonsai) would otherwise fail later with a message about itself."""
-    zeros = {k: [torch.zeros(n) for n in space.n_units(k)] for k in FINE + COARSE}
+    from secateurs.methods.base import UnitScores
+
+    zeros = UnitScores({k: [torch.zeros(n) for n in space.n_units(k)] for k in FINE + COARSE})
     select(zeros, space, sparsity, allocation, units)
 
 
