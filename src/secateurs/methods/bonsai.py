@@ -300,10 +300,8 @@ def round_candidates(
             if not m:
                 continue
             order = torch.argsort(torch.where(ok, s, math.inf), stable=True)[:m]
-            lu = space.layers[li]
-            size = channel_bundle or max(1, round(lu.group_cost / lu.channel_cost))
             top = float(s.max())
-            for chunk in torch.tensor_split(order, max(1, round(m / size))):
+            for chunk in space.layers[li].channel_bundles(order, channel_bundle):
                 add(MLP, li, chunk, s, s, top)
     return Candidates(kind, layer, units, np.array(pri), np.array(cost, dtype=np.float64), np.array(weight))
 

@@ -241,7 +241,7 @@ class UnitVector:
         for kind in self.fine:
             self.slices[kind] = []
             for t in self.ties[kind]:
-                n = int(t.max()) + 1 if t.numel() else 0
+                n = _n_coords(t)
                 self.slices[kind].append(slice(pos, pos + n))
                 pos += n
         self.n_fine = pos
@@ -365,17 +365,21 @@ def _bundles(
             s = scores[kind][i].flatten().double() if scores is not None else torch.zeros(n)
             order = torch.argsort(s, stable=True)
             rank[order] = torch.arange(n)
-            per = size or max(1, round(lu.group_cost / lu.channel_cost))
-            for j, chunk in enumerate(torch.tensor_split(order, max(1, round(n / per)))):
+            for j, chunk in enumerate(lu.channel_bundles(order, size)):
                 tie[chunk] = j
         ties.append(tie)
         ranks.append(rank)
     return {kind: ties}, {kind: ranks}
 
 
+def _n_coords(tie: torch.Tensor) -> int:
+    """Coordinates of one layer's tie vector (ties are numbered 0 .. n-1)."""
+    return int(tie.max()) + 1 if tie.numel() else 0
+
+
 def _coord_mean(values: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over the units that share each coordinate."""
-    n = int(tie.max()) + 1 if tie.numel() else 0
+    n = _n_coords(tie)
     total = torch.zeros(n, dtype=values.dtype).index_add_(0, tie, values)
     return total / torch.bincount(tie, minlength=n).clamp(min=1).to(values.dtype)
 
@@ -569,7 +573,7 @@ class PolicyGradient(Method):
         vec = UnitVector(space, cfg.units, ties)
         v = torch.full((vec.n,), keep, dtype=torch.float64)
         v[vec.n_fine :] = cfg.gate_init
-        for kind in vec.fine if scores else ():
+        for kind in vec.fine if scores is not None else ():
             coords = [
                 _coord_mean(t.flatten().to(torch.float64), tie)
                 for t, tie in zip(scores[kind], vec.ties[kind], strict=True)

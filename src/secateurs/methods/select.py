@@ -162,9 +162,9 @@ def _keep_one_attention(scores, space, fine, drop):
     every group (a model without attention is refused by `Plan.canonical`), e.g. a policy gradient on a
     model whose attention carries little."""
     kind = Kind.ATTN_GROUP.value
-    layers = [
-        i for i, n in enumerate(space.n_units(kind)) if kind in fine and n and not _layer_gone(drop, kind, i)
-    ]
+    if kind not in fine:
+        return scores
+    layers = [i for i, n in enumerate(space.n_units(kind)) if n and not _layer_gone(drop, kind, i)]
     if not layers:
         return scores
     masked = {i: scores[kind][i].float().masked_fill(drop[kind][i], -math.inf) for i in layers}

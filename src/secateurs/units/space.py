@@ -66,6 +66,12 @@ class LayerUnits:
     def cost(self) -> int:
         return self.attn_cost + self.mlp_cost
 
+    def channel_bundles(self, order: torch.Tensor, size: int = 0) -> tuple[torch.Tensor, ...]:
+        """Split MLP channel indices (in the caller's order) into consecutive bundles of about `size`
+        channels (0: about one GQA group's parameters), so a bundle weighs like the groups beside it."""
+        size = size or max(1, round(self.group_cost / self.channel_cost))
+        return torch.tensor_split(order, max(1, round(order.numel() / size)))
+
 
 def _bias_size(linear: nn.Linear | None) -> int:
     return 0 if linear is None or linear.bias is None else 1
