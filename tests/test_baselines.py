@@ -8,10 +8,10 @@ from torch import nn
 
 from secateurs.methods.base import REGISTRY, MethodConfig, MetricMethod, UnitScores, get_method, register
 from secateurs.methods.flap import add_compensation_, compensation, flap_scores_from_stats, fluctuation
-from secateurs.methods.select import target_params
-from secateurs.methods.stats import Moments, collect_stats, input_moments, one_minus_cos
 from secateurs.methods.taylor import Taylor
 from secateurs.methods.wanda_sp import WandaSp, wanda_column_scores
+from secateurs.scoring.select import target_params
+from secateurs.scoring.stats import Moments, collect_stats, input_moments, one_minus_cos
 from secateurs.testing import tiny_model
 from secateurs.units.masks import Masks, masked
 from secateurs.units.plan import LayerPlan, Plan

@@ -10,7 +10,7 @@ import torch
 from secateurs.errors import ConfigError
 from secateurs.eval.loss import EvalStats
 from secateurs.methods.base import REGISTRY, MethodConfig, MetricMethod, UnitScores, get_method
-from secateurs.methods.bonsai import (
+from secateurs.methods.bonsai.method import (
     ATTN,
     MLP,
     Bonsai,
@@ -21,8 +21,8 @@ from secateurs.methods.bonsai import (
     round_candidates,
     to_protect,
 )
-from secateurs.methods.regression import fit_importance, kendall, prepare_targets
-from secateurs.methods.select import target_params
+from secateurs.methods.bonsai.regression import fit_importance, kendall, prepare_targets
+from secateurs.scoring.select import target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.testing import tiny_model
 from secateurs.units.space import UnitSpace

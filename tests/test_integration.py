@@ -91,7 +91,7 @@ def test_policy_gradient_on_the_real_model_is_heterogeneous_and_bundled(default_
     per-layer shapes that differ, and a sliced model that still runs."""
     from secateurs.methods import get_method
     from secateurs.methods.policy_gradient import PolicyGradient, PolicyGradientConfig, UnitVector
-    from secateurs.methods.select import target_params
+    from secateurs.scoring.select import target_params
 
     model, tok = default_model
     calib = sample_windows(tok, load_documents("default", "calib"), 4, 64, seed=0)

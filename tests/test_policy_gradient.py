@@ -11,7 +11,8 @@ import torch
 from secateurs.checkpoint import load_state
 from secateurs.errors import ConfigError, LossError
 from secateurs.methods.base import get_method
-from secateurs.methods.pg_math import (
+from secateurs.methods.policy_gradient import PolicyGradient, PolicyGradientConfig, UnitVector
+from secateurs.methods.policy_gradient.estimator import (
     CostLayout,
     leave_one_out,
     moving_baseline,
@@ -19,8 +20,7 @@ from secateurs.methods.pg_math import (
     score_gradient,
     zscore_sigmoid,
 )
-from secateurs.methods.policy_gradient import PolicyGradient, PolicyGradientConfig, UnitVector
-from secateurs.methods.select import target_params
+from secateurs.scoring.select import target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.testing import tiny_model
 from secateurs.units.masks import Masks, masked
@@ -334,7 +334,7 @@ def test_resume_reproduces_the_uninterrupted_plan(tmp_path, bundle):
     cfg = _cfg(checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4, channel_bundle=bundle)
     first = PolicyGradient(cfg, evaluator_factory=FakeEvaluator(space, important))
     state = first.learn(None, space, CALIB, max_steps=23)  # interrupted after 23 of 60 steps
-    assert state.step == 23 and load_state(cfg.checkpoint_dir)["step"] == 23
+    assert state.step == 23 and load_state(cfg.checkpoint_dir)["state"]["step"] == 23
     with pytest.raises(ConfigError, match="already holds"):
         PolicyGradient(cfg, evaluator_factory=FakeEvaluator(space, important)).learn(None, space, CALIB)
     resumed_cfg = _cfg(
@@ -362,7 +362,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, how):
     fake = FakeEvaluator(space, important, **({"fail_at": 7} if how == "raise" else {"nan_at": 7}))
     with pytest.raises(LossError, match=r"step 7.*checkpoint \(step 5\)"):
         PolicyGradient(cfg, evaluator_factory=fake).plan(None, space, CALIB)
-    saved = load_state(tmp_path)
+    saved = load_state(tmp_path)["state"]
     assert saved["step"] == 5 and torch.equal(saved["s"], ref.s)
 
 

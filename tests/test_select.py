@@ -5,7 +5,7 @@ import torch
 
 from secateurs.errors import ConfigError
 from secateurs.methods.base import MethodConfig, UnitScores, get_method
-from secateurs.methods.select import check_reachable, select, target_params
+from secateurs.scoring.select import check_reachable, select, target_params
 from secateurs.testing import tiny_model
 from secateurs.units.space import UnitSpace
 

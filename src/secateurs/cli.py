@@ -167,9 +167,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from secateurs.io import check_output_dir
     from secateurs.methods import get_method
     from secateurs.pipeline import DataConfig, run_prune
-    from secateurs.surgery.saving import check_output_dir
     from secateurs.units.space import SPARSITY_DEFINITION
 
     values = vars(args)
@@ -266,8 +266,9 @@ def _print_summary(record: dict, out) -> None:
 
 
 def cmd_apply(args) -> int:
+    from secateurs.io import check_output_dir
     from secateurs.surgery.apply import apply_plan_
-    from secateurs.surgery.saving import check_output_dir, plan_record, save_pruned
+    from secateurs.surgery.saving import plan_record, save_pruned
     from secateurs.units.plan import Plan
     from secateurs.units.space import UnitSpace, count_parameters
 

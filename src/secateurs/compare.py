@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, SecateursError
+from secateurs.io import atomic_write, atomic_write_json
 from secateurs.pipeline import DataConfig
 
 log = logging.getLogger(__name__)
@@ -182,13 +183,13 @@ def run_compare(cfg: CompareConfig, passthrough: list[str] | None = None) -> lis
             result = json.loads(path.read_text())
         else:
             result = run_one(cfg, method, sparsity, settings)
-            path.write_text(json.dumps(result))
+            atomic_write_json(path, result)
         rows.append(_row(method, sparsity, result))
     out = Path(cfg.results)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows)
-    (out / "compare.md").write_text(md + "\n")
-    (out / "compare.json").write_text(json.dumps(rows, indent=1))
+    atomic_write(out / "compare.md", md + "\n")
+    atomic_write_json(out / "compare.json", rows)
     print(md)
     print(f"\nwritten to {out}/compare.md and compare.json")
     return rows

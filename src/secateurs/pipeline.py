@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import DataError
 from secateurs.eval.loss import perplexity
 from secateurs.eval.measure import measure
+from secateurs.io import atomic_write_json, check_output_dir
 from secateurs.methods.base import MethodConfig, get_method
-from secateurs.methods.select import check_reachable
+from secateurs.scoring.select import check_reachable
 from secateurs.surgery.apply import apply_plan_
-from secateurs.surgery.saving import check_output_dir, plan_record, save_pruned
+from secateurs.surgery.saving import plan_record, save_pruned
 from secateurs.units.plan import Plan
 from secateurs.units.space import SPARSITY_DEFINITION, UnitSpace, count_parameters
 
@@ -87,10 +87,7 @@ def cached_perplexity(
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
     result = perplexity(model, windows, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result | {"key": key}))
-    os.replace(tmp, path)
+    atomic_write_json(path, result | {"key": key})
     return result
 
 

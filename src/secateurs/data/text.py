@@ -28,10 +28,10 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from secateurs.errors import ConfigError, DataError
+from secateurs.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +94,6 @@ def describe_split(source: str = "default") -> str:
     return f"{source}: first {pct}% of {unit} -> calib, last {100 - pct}% -> eval"
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def clean_wiki_article(raw: str) -> str:
     """Wiki markup -> plain prose: gensim's `filter_wiki`, then drop reference sections, headings, short
     lines and leftover ``'''``/``''`` markup, and collapse whitespace. Paragraphs are joined by newlines."""
@@ -166,7 +153,7 @@ def default_articles() -> list[dict[str, str]]:
     articles = _parse_default_articles(_gensim_wiki_path())
     if not articles:
         raise DataError("no articles survived cleaning the default text")
-    _write_json_atomic(path, {"rule": DEFAULT_SPLIT_RULE, "articles": articles})
+    atomic_write_json(path, {"rule": DEFAULT_SPLIT_RULE, "articles": articles})
     log.info("cached %d cleaned default articles at %s", len(articles), path)
     return articles
 

@@ -8,6 +8,7 @@ methods use as priors (Bonsai) or initialisations (policy gradient).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ class MethodConfig:
     """
 
     sparsity: float = 0.5
-    units: tuple[str, ...] = ("attn_group", "mlp_channel")
+    units: tuple[str, ...] = FINE_KINDS
     allocation: str = field(
         default="global", metadata={"help": "uniform: same count per layer; global: anywhere"}
     )
@@ -45,6 +46,7 @@ class MethodConfig:
         bad = [u for u in self.units if u not in valid]
         if bad or not self.units:
             raise ConfigError(f"unknown unit kinds {bad or '(none)'}; choose from {', '.join(sorted(valid))}")
+        self.units = tuple(Kind(u) for u in self.units)
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
 
@@ -69,16 +71,34 @@ class UnitScores:
         return {k: [t.tolist() for t in v] for k, v in self.scores.items()}
 
 
+EvaluatorFactory = Callable[[nn.Module, torch.Tensor, UnitSpace], Any]
+
+
 class Method(ABC):
-    """A pruning method. Subclasses set `name`, `description`, `config_class` and implement `plan`."""
+    """A pruning method. Subclasses set `name`, `description`, `config_class` and implement `plan`.
+
+    Methods that score sub-models get their evaluator from `self.evaluator(...)`, never by building a
+    `SubmodelEvaluator` themselves: `evaluator_factory(model, windows, space)` (anything with
+    `.losses(masks) -> [batch]`) replaces it, which is how tests plug in synthetic losses and how every
+    method gets the same batching (and, later, the same workers).
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_backprop: ClassVar[bool] = False
 
-    def __init__(self, config: MethodConfig | None = None):
+    def __init__(self, config: MethodConfig | None = None, evaluator_factory: EvaluatorFactory | None = None):
         self.config = config or self.config_class()
+        self.evaluator_factory = evaluator_factory
+
+    def evaluator(self, model: nn.Module, windows: torch.Tensor, space: UnitSpace):
+        """The sub-model evaluator on `windows` (see the class docstring)."""
+        if self.evaluator_factory is not None:
+            return self.evaluator_factory(model, windows, space)
+        from secateurs.eval.loss import SubmodelEvaluator
+
+        return SubmodelEvaluator(model, windows, max_rows=self.config.batch_rows, space=space)
 
     @abstractmethod
     def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
@@ -93,7 +113,7 @@ class MetricMethod(Method):
         """Per-unit importance for the fine kinds (and coarse kinds where the method defines them)."""
 
     def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
-        from secateurs.methods.select import select
+        from secateurs.scoring.select import select
 
         cfg = self.config
         plan = select(self.scores(model, space, calib), space, cfg.sparsity, cfg.allocation, cfg.units)
@@ -120,4 +140,4 @@ def get_method(name: str) -> type[Method]:
 
 
 def fine_units(units: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(u for u in units if u in {k.value for k in FINE_KINDS})
+    return tuple(u for u in units if u in FINE_KINDS)

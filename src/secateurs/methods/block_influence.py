@@ -23,7 +23,7 @@ from torch import nn
 
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, fine_units, register
 from secateurs.methods.magnitude import magnitude_scores
-from secateurs.methods.stats import collect_stats
+from secateurs.scoring.stats import collect_stats
 from secateurs.units.space import UnitSpace
 
 

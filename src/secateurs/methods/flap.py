@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
-from secateurs.methods.select import select, target_params
-from secateurs.methods.stats import ActivationStats, Moments, collect_stats, with_block_scores
-from secateurs.methods.weights import group_reduce
+from secateurs.scoring.select import select, target_params
+from secateurs.scoring.stats import ActivationStats, Moments, collect_stats, with_block_scores
+from secateurs.scoring.weights import group_reduce
 from secateurs.units.plan import Plan
 from secateurs.units.space import UnitSpace
 

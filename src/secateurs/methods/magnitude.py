@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
-from secateurs.methods.weights import group_rows
+from secateurs.scoring.weights import group_rows
 from secateurs.units.space import UnitSpace
 
 

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from secateurs.eval.loss import token_nll
 from secateurs.methods.base import MetricMethod, UnitScores, register
-from secateurs.methods.stats import with_block_scores
-from secateurs.methods.weights import group_rows
+from secateurs.scoring.stats import with_block_scores
+from secateurs.scoring.weights import group_rows
 from secateurs.units.space import UnitSpace
 
 log = logging.getLogger(__name__)

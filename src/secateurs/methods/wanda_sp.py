@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
-from secateurs.methods.stats import ActivationStats, collect_stats, with_block_scores
-from secateurs.methods.weights import group_reduce
+from secateurs.scoring.stats import ActivationStats, collect_stats, with_block_scores
+from secateurs.scoring.weights import group_reduce
 from secateurs.units.space import UnitSpace
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError
+from secateurs.models.reshape import SkipAttention, SkipMLP
 
 
 class UnsupportedModelError(SecateursError):
@@ -91,9 +92,12 @@ ADAPTERS: dict[str, FamilyAdapter] = {
 }
 
 
+LEGACY_ARCHITECTURE = "SecateursForCausalLM"  # what secateurs <= 0.1.0 wrote for heterogeneous outputs
+
+
 def architecture_of(config) -> str:
     archs = getattr(config, "architectures", None) or []
-    if archs:
+    if archs and archs[0] != LEGACY_ARCHITECTURE:
         return archs[0]
     # Configs built in code (tests, from_config) carry no `architectures`; the model_type names the family.
     by_type = {a.name: arch for arch, a in ADAPTERS.items()}
@@ -115,7 +119,11 @@ def adapter_for(model_or_config) -> FamilyAdapter:
 
 @dataclass(frozen=True)
 class LayerGeometry:
-    """The shape facts a unit space needs about one decoder layer as it is now (possibly pruned)."""
+    """The shape facts about one decoder layer as it is now (possibly pruned), read from its modules.
+
+    The one shape reader: unit spaces, surgery's config rewrite and exports all read shapes here, and
+    `spec()` is the per-layer record saved in `config.secateurs` that `reshape_` rebuilds from.
+    """
 
     n_groups: int  # KV heads; each is one prunable unit with its query heads
     q_per_kv: int
@@ -123,10 +131,27 @@ class LayerGeometry:
     intermediate: int
     has_attn: bool
     has_mlp: bool
+    o_bias: bool = False
+    down_bias: bool = False
+
+    def spec(self) -> dict:
+        return {
+            "kv_heads": self.n_groups,
+            "q_per_kv": self.q_per_kv,
+            "head_dim": self.head_dim,
+            "intermediate": self.intermediate,
+            "attn": self.has_attn,
+            "mlp": self.has_mlp,
+            "o_bias": self.o_bias,
+            "down_bias": self.down_bias,
+        }
 
 
 def layer_geometry(model: nn.Module, adapter: FamilyAdapter | None = None) -> list[LayerGeometry]:
-    """Read each layer's current shape from the tensors, so pruned and dense models are read alike."""
+    """Read each layer's current shape from its modules, so pruned and dense models are read alike.
+
+    A removed block is a `SkipAttention` / `SkipMLP` (the only stand-ins surgery and `reshape_` put in).
+    """
     adapter = adapter or adapter_for(model)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -134,11 +159,22 @@ def layer_geometry(model: nn.Module, adapter: FamilyAdapter | None = None) -> li
     out = []
     for layer in adapter.decoder_layers(model):
         attn, mlp = adapter.attention(layer), adapter.mlp_module(layer)
-        has_attn = hasattr(attn, adapter.k)
-        has_mlp = hasattr(mlp, adapter.down)
-        n_groups = getattr(attn, adapter.k).out_features // head_dim if has_attn else 0
-        inter = getattr(mlp, adapter.down).in_features if has_mlp else 0
-        out.append(LayerGeometry(n_groups, q_per_kv, head_dim, inter, has_attn, has_mlp))
+        has_attn = not isinstance(attn, SkipAttention)
+        has_mlp = not isinstance(mlp, SkipMLP)
+        o = getattr(attn, adapter.o) if has_attn else None
+        down = getattr(mlp, adapter.down) if has_mlp else None
+        out.append(
+            LayerGeometry(
+                n_groups=getattr(attn, adapter.k).out_features // head_dim if has_attn else 0,
+                q_per_kv=q_per_kv,
+                head_dim=head_dim,
+                intermediate=down.in_features if has_mlp else 0,
+                has_attn=has_attn,
+                has_mlp=has_mlp,
+                o_bias=o is not None and o.bias is not None,
+                down_bias=down is not None and down.bias is not None,
+            )
+        )
     return out
 
 

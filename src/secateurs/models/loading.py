@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, ModelSourceError
+from secateurs.io import atomic_dir
 from secateurs.models.adapters import adapter_for
 
 log = logging.getLogger(__name__)
@@ -132,22 +132,11 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
     _clear_quantization_state(model)
     _set_architectures(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.tmp-", dir=target.parent))
-    try:
+    if target.exists() and not _is_hf_dir(target):
+        shutil.rmtree(target, ignore_errors=True)  # an empty/broken leftover, not a finished copy
+    with atomic_dir(target, exist_ok=True) as tmp:  # a concurrent conversion that finishes first wins
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists() and not _is_hf_dir(target):
-            shutil.rmtree(target, ignore_errors=True)  # an empty/broken leftover, not a finished copy
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache should read like any other directory
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_hf_dir(target):
-                raise
-            log.info("another process converted the default model first; using its copy")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted the default model in %.1f s", time.perf_counter() - t0)
     return target
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from secateurs.errors import PlanError
-from secateurs.models.adapters import FamilyAdapter
-from secateurs.surgery.reshape import SkipAttention, SkipMLP, renumber_attention
+from secateurs.models.adapters import FamilyAdapter, layer_geometry
+from secateurs.models.reshape import SCHEMA, SkipAttention, SkipMLP, renumber_attention
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import LayerUnits, UnitSpace
 
@@ -80,21 +80,6 @@ def _prune_mlp_(layer: nn.Module, lp: LayerPlan, a: FamilyAdapter) -> None:
         _add_bias_(getattr(mlp, a.down), lp.mlp_bias)
 
 
-def _layer_spec(layer: nn.Module, q_per_kv: int, head_dim: int, a: FamilyAdapter) -> dict:
-    attn, mlp = a.attention(layer), a.mlp_module(layer)
-    has_attn, has_mlp = not isinstance(attn, SkipAttention), not isinstance(mlp, SkipMLP)
-    return {
-        "kv_heads": getattr(attn, a.k).out_features // head_dim if has_attn else 0,
-        "q_per_kv": q_per_kv,
-        "head_dim": head_dim,
-        "intermediate": getattr(mlp, a.down).in_features if has_mlp else 0,
-        "attn": has_attn,
-        "mlp": has_mlp,
-        "o_bias": has_attn and getattr(attn, a.o).bias is not None,
-        "down_bias": has_mlp and getattr(mlp, a.down).bias is not None,
-    }
-
-
 def _slice_per_layer_config_(config, keep: list[int], n_before: int) -> None:
     """Per-layer config lists (e.g. `layer_types`) must follow the surviving layers."""
     for key, value in list(vars(config).items()):
@@ -107,7 +92,7 @@ def _write_config_(model: nn.Module, space: UnitSpace, native_bias: tuple[bool, 
     """Uniform shapes go into the stock config keys; anything else into `config.secateurs`."""
     a, config = space.adapter, model.config
     g0 = space.layers[0].geometry
-    specs = [_layer_spec(layer, g0.q_per_kv, g0.head_dim, a) for layer in a.decoder_layers(model)]
+    specs = [g.spec() for g in layer_geometry(model, a)]
     uniform = all(
         s["attn"]
         and s["mlp"]
@@ -123,7 +108,7 @@ def _write_config_(model: nn.Module, space: UnitSpace, native_bias: tuple[bool, 
         if hasattr(config, "secateurs"):
             del config.secateurs
     else:
-        config.secateurs = {"names": adapter_names(a), "layers": specs}
+        config.secateurs = {"schema": SCHEMA, "family": a.name, "names": adapter_names(a), "layers": specs}
 
 
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:

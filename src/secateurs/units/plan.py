@@ -148,7 +148,9 @@ class Plan:
         return cls(layers, d.get("method", "manual"), d.get("settings", {}), d.get("seed"), d.get("info", {}))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        from secateurs.io import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

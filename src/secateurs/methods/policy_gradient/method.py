@@ -60,11 +60,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import load_state, save_state
+from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError, LossError
 from secateurs.eval.loss import SubmodelEvaluator
 from secateurs.methods.base import Method, MethodConfig, UnitScores, get_method, register
-from secateurs.methods.pg_math import (
+from secateurs.methods.policy_gradient.estimator import (
     ESTIMATORS,
     CostLayout,
     cosine_lr,
@@ -74,7 +74,7 @@ from secateurs.methods.pg_math import (
     score_gradient,
     zscore_sigmoid,
 )
-from secateurs.methods.select import select, target_params
+from secateurs.scoring.select import select, target_params
 from secateurs.units.masks import Masks
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import Kind, UnitSpace
@@ -86,9 +86,9 @@ GATES = (Kind.LAYER.value, Kind.ATTN_BLOCK.value, Kind.MLP_BLOCK.value)
 BUDGETS = ("global", "per-kind")
 BASELINES = ("moving", "leave-one-out")
 INIT_SCOPES = ("layer", "global")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: pickled state.pt (secateurs <= 0.1.0)
 # Settings that may change between an interrupted run and its resumption.
-_RESUMABLE = {"checkpoint_dir", "checkpoint_every", "resume", "log_every", "batch_rows"}
+_RESUMABLE = frozenset({"checkpoint_dir", "checkpoint_every", "resume", "log_every", "batch_rows"})
 
 
 @dataclass
@@ -200,11 +200,8 @@ class PGState:
     ties: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # UnitVector ties (bundles)
     order: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # init score rank within a layer
 
-    def to_dict(self, config: dict[str, Any]) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
-            "method": PolicyGradient.name,
-            "config": config,
             "s": self.s.clone(),
             "baseline": self.baseline,
             "step": self.step,
@@ -215,6 +212,13 @@ class PGState:
             "ties": self.ties,
             "order": self.order,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PGState:
+        return cls(
+            d["s"], d["baseline"], d["step"], d["generator"], d["curve"], d["tokens"], d["forwards"],
+            d.get("ties", {}), d.get("order", {}),
+        )  # fmt: skip
 
 
 class UnitVector:
@@ -429,12 +433,13 @@ class PolicyGradient(Method):
     ) -> PGState:
         """Run (or resume) the optimisation; stop after `max_steps` steps in total if given."""
         cfg: PolicyGradientConfig = self.config
-        state = self._resume() if cfg.resume else None
+        checkpoint = RunCheckpoint(
+            cfg.checkpoint_dir, self.name, STATE_VERSION, cfg.to_dict(), run_fingerprint(model, calib),
+            _RESUMABLE,
+        )  # fmt: skip
+        saved = checkpoint.start(cfg.resume)
+        state = None if saved is None else PGState.from_dict(saved["state"])
         if state is None:
-            if cfg.checkpoint_dir and load_state(cfg.checkpoint_dir) is not None:
-                raise ConfigError(
-                    f"{cfg.checkpoint_dir} already holds a checkpoint; pass resume or use a new directory"
-                )
             s, ties, order = self._init(model, space, calib)
             state = PGState(
                 s=s,
@@ -493,7 +498,7 @@ class PolicyGradient(Method):
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(losses.mean()):.3f}", baseline=f"{state.baseline:.3f}")
                 if cfg.checkpoint_dir and (state.step % cfg.checkpoint_every == 0 or state.step == end):
-                    save_state(cfg.checkpoint_dir, state.to_dict(cfg.to_dict()))
+                    checkpoint.save(state.to_dict())
                     saved = state.step
         finally:
             bar.close()
@@ -609,33 +614,6 @@ class PolicyGradient(Method):
         scores = metric.scores(model, space, calib)
         log.info("policy gradient: initialised from %s scores", cfg.init)
         return scores
-
-    def _resume(self) -> PGState | None:
-        cfg: PolicyGradientConfig = self.config
-        saved = load_state(cfg.checkpoint_dir)
-        if saved is None:
-            log.info("no checkpoint in %s yet; starting from step 0", cfg.checkpoint_dir)
-            return None
-        if saved.get("method") != self.name or saved.get("version") != STATE_VERSION:
-            raise ConfigError(
-                f"{cfg.checkpoint_dir} holds no policy-gradient checkpoint of version {STATE_VERSION}"
-            )
-        now, then = cfg.to_dict(), saved["config"]
-        diff = sorted(k for k in set(now) | set(then) if k not in _RESUMABLE and now.get(k) != then.get(k))
-        if diff:
-            raise ConfigError(f"cannot resume: settings differ from the checkpoint's: {', '.join(diff)}")
-        log.info("resuming policy gradient from step %d of %d", saved["step"], cfg.steps)
-        return PGState(
-            saved["s"],
-            saved["baseline"],
-            saved["step"],
-            saved["generator"],
-            saved["curve"],
-            saved["tokens"],
-            saved["forwards"],
-            saved.get("ties", {}),
-            saved.get("order", {}),
-        )
 
     # -- finish ----------------------------------------------------------------------------------
     def _select(self, probs: dict[str, list[torch.Tensor]], space: UnitSpace, vec: UnitVector) -> Plan:

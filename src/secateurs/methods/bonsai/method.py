@@ -69,7 +69,6 @@ one `torch.Generator` seeded with `seed` (numpy/sklearn get explicit seeds deriv
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import time
@@ -81,12 +80,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.checkpoint import load_state, save_state
+from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError
 from secateurs.eval.loss import SubmodelEvaluator
 from secateurs.methods.base import Method, MethodConfig, MetricMethod, UnitScores, get_method, register
-from secateurs.methods.regression import ANCHORS, DEFAULT_ALPHAS, PENALTIES, fit_importance
-from secateurs.methods.select import select, target_params
+from secateurs.methods.bonsai.regression import ANCHORS, DEFAULT_ALPHAS, PENALTIES, fit_importance
+from secateurs.scoring.select import select, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.units.masks import Masks
 from secateurs.units.plan import Plan
@@ -97,8 +96,8 @@ log = logging.getLogger(__name__)
 ATTN, MLP = "attn_group", "mlp_channel"
 POOL = {ATTN: "attn", MLP: "mlp"}  # regression feature groups (anchor scales, split taus)
 P_MIN = 0.05  # drop probabilities stay in [P_MIN, 1 - P_MIN]
-CHECKPOINT_FORMAT = 1
-_NOT_SETTINGS = ("checkpoint_dir", "resume")  # may differ between a run and its resumption
+CHECKPOINT_FORMAT = 2  # 1: pickled state.pt (secateurs <= 0.1.0)
+_RESUMABLE = frozenset({"checkpoint_dir", "resume"})  # may differ between a run and its resumption
 
 
 @dataclass
@@ -411,13 +410,6 @@ def _removed(space: UnitSpace, plan: Plan) -> int:
     return space.total_cost - plan.kept_cost(space)
 
 
-def _fingerprint(model: nn.Module, calib: torch.Tensor) -> dict[str, Any]:
-    with torch.no_grad():
-        checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-    calib_hash = hashlib.sha1(calib.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return {"params": round(checksum, 3), "calib": calib_hash, "calib_shape": list(calib.shape)}
-
-
 def _lcm_chunk(n_windows: int, max_rows: int) -> int:
     """Masks per evaluator call so that calls fill whole forwards (progress-bar granularity)."""
     return max(1, math.lcm(n_windows, max_rows) // n_windows)
@@ -593,17 +585,19 @@ class Bonsai(Method):
         target = target_params(orig_space, cfg.sparsity)
         per_round = max(1, math.ceil(cfg.prune_frac * total - 1e-6))
         n_rounds = math.ceil(target / per_round)
-        settings = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_SETTINGS}
-        fingerprint = _fingerprint(model, calib)
+        checkpoint = RunCheckpoint(
+            cfg.checkpoint_dir, self.name, CHECKPOINT_FORMAT, cfg.to_dict(), run_fingerprint(model, calib),
+            _RESUMABLE,
+        )  # fmt: skip
 
         generator = torch.Generator().manual_seed(cfg.seed)
         composed = Plan.keep_all(orig_space)
         rounds: list[dict[str, Any]] = []
         protected: dict[str, set[tuple[int, int]]] = {ATTN: set(), MLP: set()}  # original indices
         counters = {"forwards": 0, "tokens": 0, "prior_tokens": 0, "wall_s": 0.0}
-        state = load_state(cfg.checkpoint_dir) if cfg.resume else None
-        if state is not None:
-            self._check_resumable(state, settings, fingerprint)
+        saved = checkpoint.start(cfg.resume)
+        if saved is not None:
+            state = saved["state"]
             composed = Plan.from_dict(state["plan"])
             rounds, counters = list(state["rounds"]), dict(state["counters"])
             protected = {k: {tuple(x) for x in v} for k, v in state["protected"].items()}
@@ -659,21 +653,15 @@ class Bonsai(Method):
             rounds.append(info)
             for k in ("forwards", "tokens", "prior_tokens", "wall_s"):
                 counters[k] += info[k]
-            if cfg.checkpoint_dir:
-                save_state(
-                    cfg.checkpoint_dir,
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "method": self.name,
-                        "settings": settings,
-                        "fingerprint": fingerprint,
-                        "plan": composed.to_dict(),
-                        "rounds": rounds,
-                        "counters": counters,
-                        "generator": generator.get_state(),
-                        "protected": {k: sorted(v) for k, v in protected.items()},
-                    },
-                )
+            checkpoint.save(
+                {
+                    "plan": composed.to_dict(),
+                    "rounds": rounds,
+                    "counters": counters,
+                    "generator": generator.get_state(),
+                    "protected": {k: sorted(v) for k, v in protected.items()},
+                }
+            )
             self.on_round_end(r, composed)
 
         removed = _removed(orig_space, composed)
@@ -704,14 +692,3 @@ class Bonsai(Method):
             counters["tokens"] + counters["prior_tokens"],
         )
         return composed
-
-    def _check_resumable(self, state: dict, settings: dict, fingerprint: dict) -> None:
-        if state.get("method") != self.name or state.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{self.config.checkpoint_dir} holds no bonsai checkpoint of this format")
-        diff = sorted(
-            k for k in set(settings) | set(state["settings"]) if settings.get(k) != state["settings"].get(k)
-        )
-        if diff:
-            raise ConfigError(f"cannot resume: settings differ from the checkpoint's: {', '.join(diff)}")
-        if state["fingerprint"] != fingerprint:
-            raise ConfigError("cannot resume: the model or calibration windows differ from the checkpoint's")

@@ -5,7 +5,7 @@ output directory as `modeling_secateurs.py`, with a three-line footer that subcl
 `*ForCausalLM`. So `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and
 `secateurs.load(dir)` build the model with the very same code.
 
-`config.secateurs` holds {"names": {...module names...}, "layers": [per-layer spec, ...]} where a spec is
+`config.secateurs` holds {"schema", "family", "names": {...module names...}, "layers": [spec, ...]} where a spec is
 {"kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias"}.
 """
 
@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+# Version of what secateurs writes: plan.json's layout and `config.secateurs`. 1: up to 0.1.0 (no
+# version key; heterogeneous outputs named `SecateursForCausalLM`, which still load); 2: the stock
+# architecture name, and `config.secateurs` carries "schema" and "family".
+SCHEMA = 2
 
 
 class SkipAttention(nn.Module):
