@@ -90,15 +90,15 @@ class Plan:
 
     def kept_cost(self, space: UnitSpace) -> int:
         """Prunable parameters this plan keeps (corrections add biases, which are counted)."""
-        total = 0
-        for lp, lu in zip(self.canonical(space).layers, space.layers, strict=True):
-            if not lp.drop_attn:
-                bias = lu.attn_fixed or (space.hidden_size if lp.attn_bias is not None else 0)
-                total += len(lp.groups(lu.n_groups)) * lu.group_cost + bias
-            if not lp.drop_mlp:
-                bias = lu.mlp_fixed or (space.hidden_size if lp.mlp_bias is not None else 0)
-                total += len(lp.channels(lu.n_channels)) * lu.channel_cost + bias
-        return total
+        return sum(
+            lu.kept_cost(
+                len(lp.groups(lu.n_groups)),
+                len(lp.channels(lu.n_channels)),
+                lp.attn_bias is not None,
+                lp.mlp_bias is not None,
+            )
+            for lp, lu in zip(self.canonical(space).layers, space.layers, strict=True)
+        )
 
     def removed_fraction(self, space: UnitSpace) -> float:
         return 1.0 - self.kept_cost(space) / space.total_cost

@@ -45,6 +45,7 @@ class LayerUnits:
     channel_cost: int  # gate and up rows + down column (+ gate/up bias entries)
     attn_fixed: int  # o_proj bias: goes only with the whole block
     mlp_fixed: int  # down_proj bias: goes only with the whole block
+    hidden: int = 0  # hidden size: what an added output bias costs
 
     @property
     def n_groups(self) -> int:
@@ -56,15 +57,23 @@ class LayerUnits:
 
     @property
     def attn_cost(self) -> int:
-        return self.n_groups * self.group_cost + (self.attn_fixed if self.geometry.has_attn else 0)
+        return self.kept_cost(self.n_groups, 0)
 
     @property
     def mlp_cost(self) -> int:
-        return self.n_channels * self.channel_cost + (self.mlp_fixed if self.geometry.has_mlp else 0)
+        return self.kept_cost(0, self.n_channels)
 
     @property
     def cost(self) -> int:
-        return self.attn_cost + self.mlp_cost
+        return self.kept_cost(self.n_groups, self.n_channels)
+
+    def kept_cost(self, groups: int, channels: int, attn_bias: bool = False, mlp_bias: bool = False) -> int:
+        """Parameters this layer keeps with `groups` GQA groups and `channels` MLP channels: the one cost
+        formula. A block with no unit left is gone, bias included. `attn_bias` / `mlp_bias`: an output
+        bias is added (a correction) where the module has none; it costs `hidden` parameters."""
+        attn = groups * self.group_cost + (max(self.attn_fixed, self.hidden * attn_bias) if groups else 0)
+        mlp = channels * self.channel_cost + (max(self.mlp_fixed, self.hidden * mlp_bias) if channels else 0)
+        return attn + mlp
 
     def channel_bundles(self, order: torch.Tensor, size: int = 0) -> tuple[torch.Tensor, ...]:
         """Split MLP channel indices (in the caller's order) into consecutive bundles of about `size`
@@ -92,6 +101,7 @@ def _layer_units(layer: nn.Module, g: LayerGeometry, adapter: FamilyAdapter, hid
         channel_cost=channel_cost,
         attn_fixed=hidden * _bias_size(o),
         mlp_fixed=hidden * _bias_size(down),
+        hidden=hidden,
     )
 
 
