@@ -24,13 +24,13 @@ from torch import nn
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, fine_units, register
 from secateurs.methods.magnitude import magnitude_scores
 from secateurs.scoring.stats import collect_stats
-from secateurs.units.space import UnitSpace
+from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
 
 
 @dataclass
 class BlockInfluenceConfig(MethodConfig):
     units: tuple[str, ...] = field(
-        default=("layer",),
+        default=(Kind.LAYER,),
         metadata={"help": "coarse kinds scored by 1-cos; fine kinds fall back to magnitude"},
     )
 
@@ -49,12 +49,12 @@ class BlockInfluence(MetricMethod):
         scores: dict[str, list[torch.Tensor]] = {
             kind: [values[i].float().reshape(1)[:n] for i, n in enumerate(space.n_units(kind))]
             for kind, values in (
-                ("layer", infl.layer),
-                ("attn_block", infl.attn_block),
-                ("mlp_block", infl.mlp_block),
+                (Kind.LAYER, infl.layer),
+                (Kind.ATTN_BLOCK, infl.attn_block),
+                (Kind.MLP_BLOCK, infl.mlp_block),
             )
         }
         if fine_units(self.config.units):
             mag = magnitude_scores(model, space)
-            scores["attn_group"], scores["mlp_channel"] = mag["attn_group"], mag["mlp_channel"]
+            scores.update({k: mag[k] for k in FINE_KINDS})
         return UnitScores(scores)

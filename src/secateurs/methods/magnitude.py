@@ -9,7 +9,7 @@ from torch import nn
 
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
 from secateurs.scoring.weights import group_rows
-from secateurs.units.space import UnitSpace
+from secateurs.units.space import Kind, UnitSpace
 
 
 def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
@@ -37,11 +37,11 @@ def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
     layers = [(x + y) / 2 for x, y in zip(attn_blocks, mlp_blocks, strict=True)]
     return UnitScores(
         {
-            "attn_group": groups,
-            "mlp_channel": channels,
-            "attn_block": attn_blocks,
-            "mlp_block": mlp_blocks,
-            "layer": layers,
+            Kind.ATTN_GROUP: groups,
+            Kind.MLP_CHANNEL: channels,
+            Kind.ATTN_BLOCK: attn_blocks,
+            Kind.MLP_BLOCK: mlp_blocks,
+            Kind.LAYER: layers,
         }
     )
 

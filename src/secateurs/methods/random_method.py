@@ -15,7 +15,7 @@ from secateurs.units.space import Kind, UnitSpace
 
 def random_scores(space: UnitSpace, seed: int) -> UnitScores:
     g = torch.Generator().manual_seed(seed)
-    return UnitScores({k.value: [torch.rand(n, generator=g) for n in space.n_units(k)] for k in Kind})
+    return UnitScores({k: [torch.rand(n, generator=g) for n in space.n_units(k)] for k in Kind})
 
 
 @register

@@ -12,10 +12,10 @@ import torch
 
 from secateurs.errors import ConfigError
 from secateurs.units.plan import LayerPlan, Plan
-from secateurs.units.space import Kind, UnitSpace
+from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
 
-FINE = (Kind.ATTN_GROUP.value, Kind.MLP_CHANNEL.value)
-COARSE = (Kind.LAYER.value, Kind.ATTN_BLOCK.value, Kind.MLP_BLOCK.value)
+# Coarse kinds are chosen largest first: a whole layer before either of its blocks.
+COARSE_ORDER = (Kind.LAYER, Kind.ATTN_BLOCK, Kind.MLP_BLOCK)
 
 
 def target_params(space: UnitSpace, sparsity: float) -> int:
@@ -27,7 +27,7 @@ def check_reachable(space: UnitSpace, sparsity: float, allocation: str, units: t
     that learns first (policy gradient, Bonsai) would otherwise fail later with a message about itself."""
     from secateurs.methods.base import UnitScores
 
-    zeros = UnitScores({k: [torch.zeros(n) for n in space.n_units(k)] for k in FINE + COARSE})
+    zeros = UnitScores({k: [torch.zeros(n) for n in space.n_units(k)] for k in FINE_KINDS + COARSE_ORDER})
     select(zeros, space, sparsity, allocation, units)
 
 
@@ -48,10 +48,10 @@ def select(
     """
     target = target_params(space, sparsity) if target is None else target
     drop: dict[str, list[torch.Tensor]] = {
-        k: [torch.zeros(n, dtype=torch.bool) for n in space.n_units(k)] for k in FINE + COARSE
+        k: [torch.zeros(n, dtype=torch.bool) for n in space.n_units(k)] for k in FINE_KINDS + COARSE_ORDER
     }
     removed = _select_coarse(scores, space, target, units, drop)
-    fine = [k for k in FINE if k in units]
+    fine = [k for k in FINE_KINDS if k in units]
     if fine and removed < target:
         if allocation == "uniform":
             removed += _select_uniform(scores, space, target - removed, fine, drop)
@@ -86,8 +86,10 @@ def _unit_table(scores, space: UnitSpace, kinds, drop) -> tuple[torch.Tensor, ..
 
 
 def _layer_gone(drop, kind: str, layer: int) -> bool:
-    block = Kind.ATTN_BLOCK.value if kind == Kind.ATTN_GROUP.value else Kind.MLP_BLOCK.value
-    return bool(drop[Kind.LAYER.value][layer] or drop[block][layer])
+    """Whether the block holding `kind`'s units in `layer` is dropped. `.any()`: a block already removed
+    from the model has an empty row (no unit), which is not a drop."""
+    block = Kind.ATTN_BLOCK if kind == Kind.ATTN_GROUP else Kind.MLP_BLOCK
+    return bool(drop[Kind.LAYER][layer].any() or drop[block][layer].any())
 
 
 def _greedy(table, target: float, drop, kinds) -> float:
@@ -114,14 +116,14 @@ def _greedy(table, target: float, drop, kinds) -> float:
 
 
 def _select_coarse(scores, space, target, units, drop) -> float:
-    coarse = [k for k in COARSE if k in units]
+    coarse = [k for k in COARSE_ORDER if k in units]
     if not coarse:
         return 0.0
     missing = [k for k in coarse if k not in scores.scores]
     if missing:
         raise ConfigError(f"this method has no scores for unit kinds {missing}")
     table = _unit_table(scores, space, coarse, drop)
-    has_fine = any(k in units for k in FINE)
+    has_fine = any(k in units for k in FINE_KINDS)
     score, cost, kind, layer, unit = table
     order = torch.argsort(score, stable=True)
     removed = 0.0
@@ -131,11 +133,11 @@ def _select_coarse(scores, space, target, units, drop) -> float:
         if has_fine and removed + float(cost[i]) > target:
             continue  # leave the remainder to finer units
         kname, li = coarse[int(kind[i])], int(layer[i])
-        if _layer_gone(drop, Kind.ATTN_GROUP.value, li) and kname != Kind.MLP_BLOCK.value:
+        if _layer_gone(drop, Kind.ATTN_GROUP, li) and kname != Kind.MLP_BLOCK:
             continue
-        if _layer_gone(drop, Kind.MLP_CHANNEL.value, li) and kname != Kind.ATTN_BLOCK.value:
+        if _layer_gone(drop, Kind.MLP_CHANNEL, li) and kname != Kind.ATTN_BLOCK:
             continue
-        if kname != Kind.MLP_BLOCK.value and _would_remove_all_attention(drop, li, space):
+        if kname != Kind.MLP_BLOCK and _would_remove_all_attention(drop, li, space):
             continue
         drop[kname][li][0] = True
         removed += float(cost[i])
@@ -146,7 +148,7 @@ def _would_remove_all_attention(drop, li: int, space: UnitSpace) -> bool:
     alive = [
         i
         for i in range(space.n_layers)
-        if space.layers[i].n_groups and not _layer_gone(drop, Kind.ATTN_GROUP.value, i)
+        if space.layers[i].n_groups and not _layer_gone(drop, Kind.ATTN_GROUP, i)
     ]
     return alive == [li]
 
@@ -161,7 +163,7 @@ def _keep_one_attention(scores, space, fine, drop):
     """The highest-scoring attention group left is never offered: a global ranking can otherwise take
     every group (a model without attention is refused by `Plan.canonical`), e.g. a policy gradient on a
     model whose attention carries little."""
-    kind = Kind.ATTN_GROUP.value
+    kind = Kind.ATTN_GROUP
     if kind not in fine:
         return scores
     layers = [i for i, n in enumerate(space.n_units(kind)) if n and not _layer_gone(drop, kind, i)]
@@ -259,13 +261,13 @@ def _to_plan(space: UnitSpace, drop) -> Plan:
     layers = []
     for i in range(space.n_layers):
         # .any(): a block already removed from the model has no unit (an empty row)
-        gone_layer = bool(drop[Kind.LAYER.value][i].any())
-        drop_attn = gone_layer or bool(drop[Kind.ATTN_BLOCK.value][i].any())
-        drop_mlp = gone_layer or bool(drop[Kind.MLP_BLOCK.value][i].any())
+        gone_layer = bool(drop[Kind.LAYER][i].any())
+        drop_attn = gone_layer or bool(drop[Kind.ATTN_BLOCK][i].any())
+        drop_mlp = gone_layer or bool(drop[Kind.MLP_BLOCK][i].any())
         layers.append(
             LayerPlan(
-                keep_groups=None if drop_attn else _kept(drop[Kind.ATTN_GROUP.value][i]),
-                keep_channels=None if drop_mlp else _kept(drop[Kind.MLP_CHANNEL.value][i]),
+                keep_groups=None if drop_attn else _kept(drop[Kind.ATTN_GROUP][i]),
+                keep_channels=None if drop_mlp else _kept(drop[Kind.MLP_CHANNEL][i]),
                 drop_attn=drop_attn,
                 drop_mlp=drop_mlp,
             )

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.units.space import UnitSpace
+from secateurs.units.space import COARSE_KINDS, Kind, UnitSpace
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def block_influence_hooks(model: nn.Module, space: UnitSpace) -> Iterator[list[d
     (so `h_mid = h_in + attn_out`), and a hook on the decoder layer `h_out`.
     """
     a = space.adapter
-    acc = [{k: RunningMean() for k in ("layer", "attn_block", "mlp_block")} for _ in space.layers]
+    acc = [{k: RunningMean() for k in COARSE_KINDS} for _ in space.layers]
     handles = []
 
     def first(x):
@@ -167,9 +167,9 @@ def block_influence_hooks(model: nn.Module, space: UnitSpace) -> Iterator[list[d
         def post(_module, _args, _kwargs, out):
             h_in, h_out = state.pop("in"), first(out)
             h_mid = state.pop("mid", h_in)
-            acc[i]["layer"].update(one_minus_cos(h_in, h_out))
-            acc[i]["attn_block"].update(one_minus_cos(h_in, h_mid))
-            acc[i]["mlp_block"].update(one_minus_cos(h_mid, h_out))
+            acc[i][Kind.LAYER].update(one_minus_cos(h_in, h_out))
+            acc[i][Kind.ATTN_BLOCK].update(one_minus_cos(h_in, h_mid))
+            acc[i][Kind.MLP_BLOCK].update(one_minus_cos(h_mid, h_out))
 
         return pre, attn_out, post
 
@@ -237,7 +237,7 @@ def collect_stats(
         result.influence = Influence(
             *(
                 torch.tensor([acc[k].value for acc in infl], dtype=ACC_DTYPE)
-                for k in ("layer", "attn_block", "mlp_block")
+                for k in (Kind.LAYER, Kind.ATTN_BLOCK, Kind.MLP_BLOCK)
             )
         )
     log.info("calibration statistics over %d windows x %d tokens", n, calib.shape[1])
@@ -272,9 +272,9 @@ def with_block_scores(
         mlp_b.append(m)
         layer_b.append((a * wa + m * wm) / max(wa + wm, 1))
     return {
-        "attn_group": [g.float() for g in groups],
-        "mlp_channel": [c.float() for c in channels],
-        "attn_block": attn_b,
-        "mlp_block": mlp_b,
-        "layer": layer_b,
+        Kind.ATTN_GROUP: [g.float() for g in groups],
+        Kind.MLP_CHANNEL: [c.float() for c in channels],
+        Kind.ATTN_BLOCK: attn_b,
+        Kind.MLP_BLOCK: mlp_b,
+        Kind.LAYER: layer_b,
     }

@@ -17,7 +17,7 @@ from torch import nn
 
 from secateurs.errors import PlanError
 from secateurs.units.plan import Plan
-from secateurs.units.space import UnitSpace
+from secateurs.units.space import Kind, UnitSpace
 
 
 @dataclass
@@ -44,8 +44,8 @@ class Masks:
     def ones(cls, space: UnitSpace, batch: int = 1) -> Masks:
         n_l = space.n_layers
         return cls(
-            groups=[torch.ones(batch, n) for n in space.n_units("attn_group")],
-            channels=[torch.ones(batch, n) for n in space.n_units("mlp_channel")],
+            groups=[torch.ones(batch, n) for n in space.n_units(Kind.ATTN_GROUP)],
+            channels=[torch.ones(batch, n) for n in space.n_units(Kind.MLP_CHANNEL)],
             attn_block=torch.ones(batch, n_l),
             mlp_block=torch.ones(batch, n_l),
             attn_bias=[None] * n_l,

@@ -1,0 +1,112 @@
+"""A pruned model is a first-class source again: prune -> save -> load -> prune -> save -> load -> generate,
+for every family, through the public API and through the CLI (`apply`, `eval` and `prune` on a pruned
+directory). Written against APIs that existed before the fix, so it shows the bug on the old code."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import secateurs
+from helpers_tokenizer import tiny_tokenizer
+from secateurs.cli import main
+from secateurs.testing import FAMILIES, random_plan, tiny_model
+from secateurs.units.masks import Masks, masked
+from secateurs.units.space import UnitSpace
+
+ATOL = 1e-4
+
+
+def _ids(length=10, seed=0, vocab=96):
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_save_load_twice_then_generate(family, tmp_path):
+    model = tiny_model(family, layers=5)
+    first = random_plan(UnitSpace.from_model(model), seed=1, drop_layer=True)
+    secateurs.apply_plan_(model, first)
+    secateurs.save(model, tmp_path / "once", first)
+
+    once, _ = secateurs.load_model(str(tmp_path / "once"), device="cpu")
+    space = UnitSpace.from_model(once)
+    second = random_plan(space, seed=2, drop_layer=False, corrections=False)
+    ids = _ids()
+    with torch.inference_mode(), masked(once, Masks.from_plan(second, space), space):
+        expected = once(ids).logits
+    secateurs.apply_plan_(once, second)
+    secateurs.save(once, tmp_path / "twice", second)
+
+    cfg = json.loads((tmp_path / "twice" / "config.json").read_text())
+    assert cfg["architectures"] == [type(model).__name__]  # the stock class, never our subclass's name
+    assert cfg["secateurs"]["family"] == secateurs.models.adapters.adapter_for(model).name
+    assert cfg["secateurs"]["schema"] == json.loads((tmp_path / "twice" / "plan.json").read_text())["schema"]
+
+    twice, _ = secateurs.load_model(str(tmp_path / "twice"), device="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(twice(ids).logits, expected, atol=ATOL, rtol=0)
+        out = twice.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 6)
+
+
+def test_directory_with_the_old_class_name_still_loads(tmp_path):
+    """Outputs of secateurs 0.1.0 name `SecateursForCausalLM`; they must keep loading."""
+    model = tiny_model("llama")
+    plan = random_plan(UnitSpace.from_model(model), seed=0)
+    secateurs.apply_plan_(model, plan)
+    secateurs.save(model, tmp_path / "old", plan)
+    path = tmp_path / "old" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["architectures"] = ["SecateursForCausalLM"]
+    cfg["secateurs"].pop("family", None)
+    cfg["secateurs"].pop("schema", None)
+    path.write_text(json.dumps(cfg))
+    loaded, _ = secateurs.load_model(str(tmp_path / "old"), device="cpu")
+    ids = _ids()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_cli_apply_eval_and_prune_on_a_pruned_directory(tmp_path, capsys):
+    model = tiny_model("llama", layers=4, vocab_size=128)
+    plan = random_plan(UnitSpace.from_model(model), seed=0, corrections=False)
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    pruned = copy.deepcopy(model)
+    secateurs.apply_plan_(pruned, plan)
+    secateurs.save(pruned, tmp_path / "pruned", plan, tiny_tokenizer())
+    text = tmp_path / "text.txt"
+    text.write_text(
+        "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    )
+    small = ["--eval-seq-len", "16", "--eval-tokens", "64", "--nsamples", "2", "--seq-len", "16"]
+    data = ["--calib", str(text), "--eval", str(text), "--device", "cpu"]
+
+    again = tmp_path / "again"
+    args = ["prune", str(tmp_path / "pruned"), "--method", "magnitude", "--sparsity", "0.2"]
+    assert main([*args, "--out", str(again), *data, *small]) == 0
+    cfg = json.loads((again / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert main(["eval", str(again), "--data", str(text), "--seq-len", "16", "--eval-tokens", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    # a plan made for the pruned model applies to the pruned directory
+    assert (
+        main(
+            [
+                "apply",
+                str(tmp_path / "pruned"),
+                "--plan",
+                str(again / "plan.json"),
+                "--out",
+                str(tmp_path / "ap"),
+            ]
+        )
+        == 0
+    )
+    applied, _ = secateurs.load_model(str(tmp_path / "ap"), device="cpu")
+    reference, _ = secateurs.load_model(str(again), device="cpu")
+    ids = _ids(vocab=128)
+    with torch.inference_mode():
+        torch.testing.assert_close(applied(ids).logits, reference(ids).logits, atol=ATOL, rtol=0)
