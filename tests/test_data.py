@@ -182,3 +182,34 @@ def test_default_text_cached_as_json(default_cache):
     assert not list((default_cache / "text").glob(".*tmp"))  # written atomically, no leftovers
     cached = json.loads(files[0].read_text(encoding="utf-8"))["articles"]
     assert cached == default_articles()
+
+
+def test_eval_command_scores_only_the_held_out_part_of_a_file(tiny_dir, capsys):
+    """`secateurs eval --data FILE` must not score the part of FILE that `prune --calib FILE` fits on."""
+    from transformers import AutoTokenizer
+
+    from secateurs.cli import main
+    from secateurs.data import token_stream
+
+    model, text = tiny_dir
+    seq = 16
+    assert (
+        main(
+            [
+                "eval",
+                str(model),
+                "--data",
+                str(text),
+                "--seq-len",
+                str(seq),
+                "--eval-tokens",
+                "100000",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tok = AutoTokenizer.from_pretrained(model)
+    held_out = token_stream(tok, load_documents(str(text), "eval")).numel()
+    assert result["tokens"] == held_out // seq * seq

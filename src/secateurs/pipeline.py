@@ -58,23 +58,22 @@ class DataConfig:
                 f"seq_len={self.seq_len}, eval_seq_len={self.eval_seq_len}, eval_tokens={self.eval_tokens}"
             )
 
-    def split_for(self, which: str) -> str:
-        """Same source for both: its calib/eval parts. Different sources: all of each."""
-        return which if self.calib == self.eval else "all"
-
     def describe(self) -> str:
+        """Calibration always reads a source's calibration part and evaluation its held-out part, also when
+        the two sources differ: `secateurs eval --data X` after `prune --calib X` must not score text the
+        method was fitted on."""
         if self.calib == self.eval:
             return describe_split(self.calib)
-        return f"calibration: all of {self.calib}; evaluation: all of {self.eval}"
+        return f"calibration: {describe_split(self.calib)}; evaluation: {describe_split(self.eval)}"
 
 
 def calibration_windows(tokenizer, data: DataConfig) -> torch.Tensor:
-    docs = load_documents(data.calib, data.split_for("calib"), data.text_field)
+    docs = load_documents(data.calib, "calib", data.text_field)
     return sample_windows(tokenizer, docs, data.nsamples, data.seq_len, data.seed)
 
 
 def evaluation_windows(tokenizer, data: DataConfig) -> tuple[torch.Tensor, str]:
-    docs = load_documents(data.eval, data.split_for("eval"), data.text_field)
+    docs = load_documents(data.eval, "eval", data.text_field)
     return eval_windows(tokenizer, docs, data.eval_seq_len, data.eval_tokens), fingerprint(docs)
 
 
