@@ -309,3 +309,34 @@ def test_all_baselines_registered():
     assert get_method("wanda-sp").config_class().allocation == "uniform"
     assert get_method("flap").config_class().allocation == "global"
     assert get_method("block-influence").config_class().units == ("layer",)
+
+
+def test_flap_never_stops_under_the_target_silently(monkeypatch):
+    """If paying for the correction biases does not converge, FLAP must still reach the target or say so;
+    here `select` ignores the larger requests, so a silent result would be short of the target."""
+    import secateurs.methods.flap as flap_module
+    from secateurs.errors import ConfigError
+    from secateurs.methods.flap import Flap, FlapConfig
+
+    model = tiny_model("llama", layers=3)
+    space = UnitSpace.from_model(model)
+    real_select = flap_module.select
+    target = target_params(space, 0.4)
+    monkeypatch.setattr(flap_module, "select", lambda *a, **kw: real_select(*a, **{**kw, "target": target}))
+    try:
+        plan = Flap(FlapConfig(sparsity=0.4)).plan(model, space, _calib())
+    except ConfigError as e:
+        assert "short of the target" in str(e)
+    else:
+        assert space.total_cost - plan.kept_cost(space) >= target
+
+
+def test_flap_reaches_the_target_with_corrections():
+    from secateurs.methods.flap import Flap, FlapConfig
+
+    model = tiny_model("llama", layers=3)
+    space = UnitSpace.from_model(model)
+    for sparsity in (0.2, 0.5):
+        plan = Flap(FlapConfig(sparsity=sparsity)).plan(model, space, _calib())
+        assert any(lp.attn_bias is not None or lp.mlp_bias is not None for lp in plan.layers)
+        assert space.total_cost - plan.kept_cost(space) >= target_params(space, sparsity)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from secateurs.errors import ConfigError
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
 from secateurs.scoring.select import select, target_params
 from secateurs.scoring.stats import ActivationStats, Moments, collect_stats, with_block_scores
@@ -38,6 +39,11 @@ from secateurs.units.plan import Plan
 from secateurs.units.space import UnitSpace
 
 log = logging.getLogger(__name__)
+
+# Re-selections that pay for the correction biases before falling back to the worst case. Each round's
+# shortfall is only the biases of blocks the larger request newly touches, so it shrinks fast; the
+# fallback (a bias on every block) bounds the rest.
+BIAS_BUDGET_ROUNDS = 8
 
 
 def fluctuation(weight: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -123,18 +129,51 @@ class Flap(MetricMethod):
         stats = self._stats(model, space, calib)
         scores = flap_scores_from_stats(model, space, stats)
         target = target_params(space, cfg.sparsity)
-        extra = 0
-        # Corrections add `hidden` parameters to blocks without a native bias; pay for them by asking
-        # select() for more, until the plan (biases counted) removes at least the target.
-        for _ in range(2 * space.n_layers + 2):
-            plan = select(scores, space, cfg.sparsity, cfg.allocation, cfg.units, target=target + extra)
-            if cfg.bias_correction:
-                add_compensation_(plan, model, space, stats)
-            removed = space.total_cost - plan.kept_cost(space)
-            if removed >= target:
-                break
-            extra += target - removed
+        plan, extra = self._plan_paying_for_biases(model, space, stats, scores, target)
         plan.method, plan.settings, plan.seed = self.name, cfg.to_dict(), cfg.seed
         plan.info["budget_added_for_bias_corrections"] = int(extra)
-        log.info("flap: removed %d of %d prunable parameters (target %d)", removed, space.total_cost, target)
+        log.info(
+            "flap: removed %d of %d prunable parameters (target %d)",
+            _removed(space, plan), space.total_cost, target,
+        )  # fmt: skip
         return plan
+
+    def _plan_paying_for_biases(self, model, space, stats, scores, target: int) -> tuple[Plan, int]:
+        """Corrections add `hidden` parameters to blocks without a native bias; pay for them by asking
+        `select` for more, until the plan (biases counted) removes at least the target.
+
+        Asking for `target + extra` with `extra` = the last shortfall converges in a few rounds; if it has
+        not after `BIAS_BUDGET_ROUNDS`, ask for the worst case (every block gains a bias), which always
+        reaches the target. A plan short of the target is an error, never a silent result.
+        """
+        extra = 0
+        for _ in range(BIAS_BUDGET_ROUNDS):
+            plan = self._select_with_biases(model, space, stats, scores, target + extra)
+            short = target - _removed(space, plan)
+            if short <= 0:
+                return plan, extra
+            extra += short
+        extra = max(extra, _worst_case_bias_cost(space))
+        plan = self._select_with_biases(model, space, stats, scores, target + extra)
+        if _removed(space, plan) < target:
+            raise ConfigError(
+                f"flap: the plan removes {_removed(space, plan)} parameters, short of the target {target} "
+                "after paying for the bias corrections; use --no-bias-correction or a lower sparsity"
+            )
+        return plan, extra
+
+    def _select_with_biases(self, model, space, stats, scores, remove: int) -> Plan:
+        cfg = self.config
+        plan = select(scores, space, cfg.sparsity, cfg.allocation, cfg.units, target=remove)
+        if cfg.bias_correction:
+            add_compensation_(plan, model, space, stats)
+        return plan
+
+
+def _removed(space: UnitSpace, plan: Plan) -> int:
+    return space.total_cost - plan.kept_cost(space)
+
+
+def _worst_case_bias_cost(space: UnitSpace) -> int:
+    """What corrections can add at most: a bias on every block that has none."""
+    return sum(space.hidden_size * ((lu.attn_fixed == 0) + (lu.mlp_fixed == 0)) for lu in space.layers)
