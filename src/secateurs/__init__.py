@@ -1,7 +1,10 @@
 """secateurs: structured pruning of causal LMs with forward passes only.
 
-The pipeline, one module each: model adapters (`models`) -> units and masks (`units`) -> methods
-(`methods`, returning a `Plan`) -> surgery (`surgery`) -> evaluation (`eval`) -> CLI (`cli`).
+The pipeline, one package each: model adapters (`models`) -> units and masks (`units`) -> what methods
+share (`scoring`: calibration statistics, per-unit weight views, selection) -> methods (`methods`, one
+module or package each, returning a `Plan`) -> surgery (`surgery`) -> evaluation (`eval`) -> CLI
+(`cli`, `compare`). `pipeline` runs the prune job end to end; `io` and `checkpoint` hold the one
+atomic-write helper and the one checkpoint rule.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from secateurs.units import Masks, Plan, UnitSpace, masked
 def plan(model, method: str, calib, **settings) -> Plan:
     """Run a registered method with its config built from `settings`; the model is left unchanged.
 
+    The same path as `secateurs prune` (`pipeline.make_plan`): the target is checked reachable with the
+    chosen units before the method starts.
+
     >>> p = secateurs.plan(model, "wanda-sp", calib=windows, sparsity=0.3)  # doctest: +SKIP
     """
     from secateurs.methods import get_method
+    from secateurs.pipeline import make_plan
 
-    cls = get_method(method)
-    return cls(cls.config_class(**settings)).plan(model, UnitSpace.from_model(model), calib)
+    return make_plan(model, method, get_method(method).config_class(**settings), calib)
 
 
 __all__ = ["Masks", "Plan", "UnitSpace", "apply_plan_", "load", "load_model", "masked", "plan", "save"]
