@@ -44,10 +44,12 @@ def test_masked_equals_pruned_equals_loaded_on_the_real_model(default_model, tmp
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     with torch.inference_mode():
         torch.testing.assert_close(stock(ids).logits, expected, atol=2e-3, rtol=1e-4)
-        out = stock.generate(
-            **tok2("The capital of France is", return_tensors="pt"), max_new_tokens=5, do_sample=False
-        )
-    assert out.shape[1] > 5
+        prompt = tok2("The capital of France is", return_tensors="pt")
+        out = stock.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        ours = loaded.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    # five new tokens, the same ones from the saved modelling file as from secateurs' own loader
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 5
+    assert torch.equal(out, ours)
 
 
 def test_cli_prunes_the_default_model(tmp_path, capsys):

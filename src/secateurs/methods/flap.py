@@ -33,8 +33,13 @@ from torch import nn
 from secateurs.errors import ConfigError
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
 from secateurs.scoring.select import select, target_params
-from secateurs.scoring.stats import ActivationStats, Moments, collect_stats, with_block_scores
-from secateurs.scoring.weights import group_reduce
+from secateurs.scoring.stats import (
+    ActivationStats,
+    Moments,
+    collect_stats,
+    output_column_scores,
+    with_block_scores,
+)
 from secateurs.units.plan import Plan
 from secateurs.units.space import UnitSpace
 
@@ -64,20 +69,9 @@ def compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor
 
 
 def flap_scores_from_stats(model: nn.Module, space: UnitSpace, stats: ActivationStats) -> UnitScores:
-    a = space.adapter
-    groups, channels = [], []
-    for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
-        if lu.n_groups:
-            o = a.attn_linears(layer)[3]
-            z = standardise(fluctuation(o.weight, stats.attn[i].var))
-            groups.append(group_reduce(z, lu.geometry).float())
-        else:
-            groups.append(torch.zeros(0))
-        if lu.n_channels:
-            down = a.mlp_linears(layer)[2]
-            channels.append(standardise(fluctuation(down.weight, stats.mlp[i].var)).float())
-        else:
-            channels.append(torch.zeros(0))
+    groups, channels = output_column_scores(
+        model, space, stats, lambda w, m: standardise(fluctuation(w, m.var))
+    )
     return UnitScores(with_block_scores(groups, channels, space))
 
 

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from secateurs.methods.base import MethodConfig, MetricMethod, UnitScores, register
-from secateurs.scoring.stats import ActivationStats, collect_stats, with_block_scores
-from secateurs.scoring.weights import group_reduce
+from secateurs.scoring.stats import ActivationStats, collect_stats, output_column_scores, with_block_scores
 from secateurs.units.space import UnitSpace
 
 
@@ -36,19 +35,7 @@ def wanda_column_scores(weight: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_scores_from_stats(model: nn.Module, space: UnitSpace, stats: ActivationStats) -> UnitScores:
-    a = space.adapter
-    groups, channels = [], []
-    for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
-        if lu.n_groups:
-            o = a.attn_linears(layer)[3]
-            groups.append(group_reduce(wanda_column_scores(o.weight, stats.attn[i].l2), lu.geometry).float())
-        else:
-            groups.append(torch.zeros(0))
-        if lu.n_channels:
-            down = a.mlp_linears(layer)[2]
-            channels.append(wanda_column_scores(down.weight, stats.mlp[i].l2).float())
-        else:
-            channels.append(torch.zeros(0))
+    groups, channels = output_column_scores(model, space, stats, lambda w, m: wanda_column_scores(w, m.l2))
     return UnitScores(with_block_scores(groups, channels, space))
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateurs.scoring.weights import group_reduce
 from secateurs.units.space import COARSE_KINDS, Kind, UnitSpace
 
 log = logging.getLogger(__name__)
@@ -278,3 +279,26 @@ def with_block_scores(
         Kind.MLP_BLOCK: mlp_b,
         Kind.LAYER: layer_b,
     }
+
+
+def output_column_scores(
+    model: nn.Module, space: UnitSpace, stats: ActivationStats, column_score
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-unit scores from a score per input column of each layer's output projections.
+
+    `column_score(weight, moments) -> [in]` scores `o_proj`'s and `down_proj`'s input columns (where a
+    unit's contribution enters the residual stream); a GQA group takes the mean over its query
+    dimensions, an MLP channel its own column. Returns (groups, channels) per layer, empty where absent.
+    """
+    a = space.adapter
+    groups, channels = [], []
+    for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
+        o, down = (
+            a.attn_linears(layer)[3] if lu.n_groups else None,
+            a.mlp_linears(layer)[2] if lu.n_channels else None,
+        )
+        groups.append(
+            group_reduce(column_score(o.weight, stats.attn[i]), lu.geometry).float() if o else torch.zeros(0)
+        )
+        channels.append(column_score(down.weight, stats.mlp[i]).float() if down else torch.zeros(0))
+    return groups, channels
