@@ -14,12 +14,15 @@ from secateurs.errors import ConfigError
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
 
+# Parameter counts are integers held in floats: sums of a few thousand costs round by far less than this,
+# which keeps `ceil(0.5 * 1000)` at 500 and a budget hit exactly from counting as overshot.
+COUNT_EPS = 1e-6
 # Coarse kinds are chosen largest first: a whole layer before either of its blocks.
 COARSE_ORDER = (Kind.LAYER, Kind.ATTN_BLOCK, Kind.MLP_BLOCK)
 
 
 def target_params(space: UnitSpace, sparsity: float) -> int:
-    return math.ceil(sparsity * space.total_cost - 1e-6)
+    return math.ceil(sparsity * space.total_cost - COUNT_EPS)
 
 
 def check_reachable(space: UnitSpace, sparsity: float, allocation: str, units: tuple[str, ...]) -> None:
@@ -99,14 +102,14 @@ def _greedy(table, target: float, drop, kinds) -> float:
         return 0.0
     order = torch.argsort(score, stable=True)
     cum = torch.cumsum(cost[order], 0)
-    n_take = int((cum <= target + 1e-6).sum())
+    n_take = int((cum <= target + COUNT_EPS).sum())
     taken = order[:n_take]
     removed = float(cum[n_take - 1]) if n_take else 0.0
     rest = order[n_take:]
     if removed < target and rest.numel():
         cheapest = cost[rest].min()
         fill = rest[cost[rest] == cheapest]  # in score order
-        need = math.ceil((target - removed) / float(cheapest) - 1e-9)
+        need = math.ceil((target - removed) / float(cheapest) - COUNT_EPS)
         fill = fill[:need]
         taken = torch.cat([taken, fill])
         removed += float(cost[fill].sum())
@@ -242,7 +245,7 @@ def _fit_count(kind, layers, costs, want, space) -> int:
     count = 0
     while (
         count < max(space.n_units(kind))
-        and sum(min(count + 1, space.n_units(kind)[i]) * costs[i] for i in layers) <= want + 1e-6
+        and sum(min(count + 1, space.n_units(kind)[i]) * costs[i] for i in layers) <= want + COUNT_EPS
     ):
         count += 1
     return count

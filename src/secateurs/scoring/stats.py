@@ -31,6 +31,7 @@ from secateurs.units.space import COARSE_KINDS, Kind, UnitSpace
 log = logging.getLogger(__name__)
 
 ACC_DTYPE = torch.float64  # statistics of ~1e5-1e6 tokens: float32 sums lose digits
+COS_EPS = 1e-12  # a zero hidden state (a removed layer's input is never zero in practice) gives cos 0
 
 
 # -- plain tensor maths ------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ class Moments:
 
 def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row `1 - cos(a, b)` over the last dimension, in float64; [..., d] -> [...]."""
-    return 1.0 - torch.nn.functional.cosine_similarity(a.to(ACC_DTYPE), b.to(ACC_DTYPE), dim=-1, eps=1e-12)
+    return 1.0 - torch.nn.functional.cosine_similarity(a.to(ACC_DTYPE), b.to(ACC_DTYPE), dim=-1, eps=COS_EPS)
 
 
 @dataclass
