@@ -110,3 +110,27 @@ def test_cli_apply_eval_and_prune_on_a_pruned_directory(tmp_path, capsys):
     ids = _ids(vocab=128)
     with torch.inference_mode():
         torch.testing.assert_close(applied(ids).logits, reference(ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "short-layer-list", "missing-key"])
+def test_damaged_pruned_directory_is_one_line_error(tmp_path, capsys, damage):
+    model = tiny_model("llama", vocab_size=128)
+    plan = random_plan(UnitSpace.from_model(model), seed=0)
+    secateurs.apply_plan_(model, plan)
+    out = tmp_path / "p"
+    secateurs.save(model, out, plan, tiny_tokenizer())
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if damage == "truncated-weights":
+        weights = out / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "short-layer-list":
+        cfg["secateurs"]["layers"] = cfg["secateurs"]["layers"][:-1]
+    else:
+        del cfg["secateurs"]["layers"][0]["kv_heads"]
+    if damage != "truncated-weights":
+        cfg_path.write_text(json.dumps(cfg))
+    assert main(["info", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("secateurs:")]
+    assert len(lines) == 1 and "Traceback" not in err and str(out) in lines[0], err

@@ -27,3 +27,9 @@ class OutputExistsError(SecateursError):
 
 class LossError(SecateursError):
     """A loss came back NaN or infinite; the run stops with its last good checkpoint intact."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's exception as one line (type and message, whitespace collapsed), to wrap in ours."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

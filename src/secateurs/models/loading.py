@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from secateurs.data.text import cache_dir
-from secateurs.errors import ConfigError, ModelSourceError
+from secateurs.errors import ConfigError, ModelSourceError, one_line
 from secateurs.io import atomic_dir
 from secateurs.models.adapters import adapter_for
 
@@ -159,11 +159,6 @@ def _is_local(source: str) -> bool:
     return _looks_like_path(source) or Path(source).expanduser().exists()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def model_id(source: str) -> str:
     """A stable name for a model source, for cache keys and reports (absolute path for local sources)."""
     if source == DEFAULT_SOURCE:
@@ -222,18 +217,18 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None):
         config = AutoConfig.from_pretrained(location, **extra)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot read this source"
         where = "local" if isinstance(location, Path) else "hub id (needs internet or the local HF cache)"
-        raise ModelSourceError(f"cannot load the config of {where} {source!r}: {_one_line(exc)}") from exc
+        raise ModelSourceError(f"cannot load the config of {where} {source!r}: {one_line(exc)}") from exc
     adapter_for(config)  # unsupported architecture -> UnsupportedModelError, before any weights load
 
     t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch_dtype, **extra)
     except Exception as exc:  # noqa: BLE001
-        raise ModelSourceError(f"cannot load the weights of {source!r}: {_one_line(exc)}") from exc
+        raise ModelSourceError(f"cannot load the weights of {source!r}: {one_line(exc)}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     except Exception as exc:  # noqa: BLE001
-        raise ModelSourceError(f"cannot load the tokenizer of {source!r}: {_one_line(exc)}") from exc
+        raise ModelSourceError(f"cannot load the tokenizer of {source!r}: {one_line(exc)}") from exc
     if gguf_file:
         _clear_quantization_state(model)
     _set_architectures(model)

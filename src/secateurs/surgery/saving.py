@@ -13,7 +13,7 @@ import torch
 import transformers
 from torch import nn
 
-from secateurs.errors import ModelSourceError
+from secateurs.errors import ModelSourceError, one_line
 from secateurs.io import atomic_dir, atomic_write, atomic_write_json
 from secateurs.models import reshape
 from secateurs.models.adapters import FamilyAdapter, adapter_for
@@ -136,6 +136,30 @@ def _stock_class(adapter: FamilyAdapter) -> type:
     return getattr(importlib.import_module(adapter.modeling_module), adapter.causal_lm_class)
 
 
+SPEC_KEYS = ("kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias")
+NAME_KEYS = ("layers", "attn", "q", "k", "v", "o", "mlp", "gate", "up", "down")
+
+
+def _check_shapes_record(path: Path, record: Any, n_layers: int) -> None:
+    """`config.secateurs` must describe every layer with every key `reshape_` reads, so a damaged one is a
+    clear error naming the file, not an exception from deep inside the model's constructor."""
+    where = f"{path / 'config.json'}: the 'secateurs' key is damaged"
+    if not isinstance(record, dict) or not isinstance(record.get("layers"), list):
+        raise ModelSourceError(f"{where} (no per-layer list)")
+    names = record.get("names")
+    if not isinstance(names, dict) or any(not isinstance(names.get(k), str) for k in NAME_KEYS):
+        raise ModelSourceError(f"{where} (module names missing)")
+    if len(record["layers"]) != n_layers:
+        raise ModelSourceError(f"{where} ({len(record['layers'])} layer shapes for {n_layers} layers)")
+    for i, spec in enumerate(record["layers"]):
+        if not isinstance(spec, dict) or any(k not in spec for k in SPEC_KEYS):
+            raise ModelSourceError(
+                f"{where} (layer {i} lacks {', '.join(k for k in SPEC_KEYS if k not in (spec or {}))})"
+            )
+        if any(not isinstance(spec[k], int) or spec[k] < 0 for k in SPEC_KEYS[:4]):
+            raise ModelSourceError(f"{where} (layer {i} has a negative or non-integer size)")
+
+
 def load_pruned(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> tuple[nn.Module, Any]:
@@ -146,14 +170,21 @@ def load_pruned(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"no model at {path} (config.json missing)")
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot read this config"
+        raise ModelSourceError(f"cannot read {path / 'config.json'}: {one_line(exc)}") from exc
     adapter = adapter_for(config)
     cls = _stock_class(adapter)
     if getattr(config, "secateurs", None):
+        _check_shapes_record(path, config.secateurs, config.num_hidden_layers)
         cls = pruned_class(cls)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = cls.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    try:
+        model = cls.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign weights, shapes that do not match
+        raise ModelSourceError(f"cannot load the weights in {path}: {one_line(exc)}") from exc
     model.to(device).eval()
     tokenizer = None
     if any(path.glob("tokenizer*")):
