@@ -44,10 +44,36 @@ def tmp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_tmp(path: Path) -> list[Path]:
+    """Remove temporary siblings of `path` left by killed processes (their pid is gone); returns them.
+
+    A kill -9 during a save leaves `.NAME.tmp-PID-xxxx` (hundreds of MB for a model); the next write to
+    the same target cleans up, but never a live process's work in progress.
+    """
+    removed = []
+    for p in path.parent.glob(f".{path.name}{TMP_MARK}*"):
+        pid = p.name[len(f".{path.name}{TMP_MARK}") :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` atomically (text as UTF-8); the parent directory is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,6 +112,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, exist_ok: bool = False)
     """
     out = Path(out) if exist_ok else check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
     tmp = tmp_sibling(out)
     tmp.mkdir(mode=user_mode(directory=True))
     try:
