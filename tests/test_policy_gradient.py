@@ -24,7 +24,8 @@ from secateurs.scoring.select import target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.testing import tiny_model
 from secateurs.units.masks import Masks, masked
-from secateurs.units.space import UnitSpace
+from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import COARSE_KINDS, FINE_KINDS, Kind, UnitSpace
 
 
 # -- estimator -----------------------------------------------------------------------------------------
@@ -177,6 +178,25 @@ def test_gated_projection_hits_the_budget(seed):
     assert s.min() >= 0.01 and s.max() <= 0.99
 
 
+def test_projection_at_the_ends_of_the_reachable_range():
+    """A budget at the most (least) the box can keep is met by the clip itself, without a root search."""
+    layout = CostLayout.ungated(torch.tensor([3.0, 1.0, 2.0]))
+    v = torch.tensor([0.5, 1.7, -0.3], dtype=torch.float64)
+    torch.testing.assert_close(project(v, layout, budget=6.0), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(project(v, layout, budget=0.0), torch.zeros(3, dtype=torch.float64))
+
+
+def test_projection_hits_the_budget_to_rounding():
+    g = torch.Generator().manual_seed(7)
+    cost = torch.randint(1, 300_000, (5_000,), generator=g).to(torch.float64)  # SmolLM2-like unit costs
+    v = torch.rand(5_000, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    layout = CostLayout.ungated(cost)
+    budget = 0.5 * float(cost.sum())
+    assert float(layout.expected(project(v, layout, budget, lo=1e-3, hi=1 - 1e-3))) == pytest.approx(
+        budget, rel=1e-12
+    )
+
+
 def test_zscore_sigmoid_orders_and_centres():
     p = zscore_sigmoid(torch.tensor([1.0, 2.0, 3.0]))
     assert p[0] < p[1] < p[2] and float(p[1]) == pytest.approx(0.5)
@@ -192,7 +212,8 @@ class FakeEvaluator:
         self.calls, self.fail_at, self.nan_at = [], fail_at, nan_at
         self.channel_weight = 0.3
 
-    def __call__(self, windows):  # the factory: one evaluator per calibration batch
+    def __call__(self, model, windows, space):  # the evaluator factory: one evaluator per step's windows
+        assert space is self.space
         self.windows = windows
         return self
 
@@ -278,6 +299,69 @@ def test_layer_gate_samples_multiply_blocks():
     m = vec.masks(samples)
     assert m.attn_block.tolist() == [[1, 0, 1], [1, 1, 0]]
     assert m.mlp_block.tolist() == [[1, 0, 1], [1, 1, 1]]
+
+
+def _plan_of(vec, space, hard):
+    """The plan that keeps what the 0/1 vector `hard` keeps (the sub-model its sample evaluates)."""
+    m = vec.masks(hard.reshape(1, -1))
+    layers = []
+    for i in range(space.n_layers):
+        layers.append(
+            LayerPlan(
+                keep_groups=torch.nonzero(m.groups[i][0]).flatten().tolist(),
+                keep_channels=torch.nonzero(m.channels[i][0]).flatten().tolist(),
+                drop_attn=not bool(m.attn_block[0, i]),
+                drop_mlp=not bool(m.mlp_block[0, i]),
+            )
+        )
+    return Plan(layers)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-mha-bias"])
+@pytest.mark.parametrize(
+    "units,bundle",
+    [
+        ((*FINE_KINDS, *COARSE_KINDS), 1),
+        ((*FINE_KINDS, Kind.LAYER, Kind.MLP_BLOCK), 8),
+        ((Kind.MLP_CHANNEL, Kind.MLP_BLOCK, Kind.LAYER), 8),  # attention not learned: a fixed part
+        (FINE_KINDS, 1),
+    ],
+)
+def test_expected_cost_of_a_hard_vector_is_the_plans_kept_cost(family, units, bundle):
+    """One cost model: the layout's E[kept] at a 0/1 vector is `Plan.kept_cost` of the same choice."""
+    space = UnitSpace.from_model(tiny_model(family, layers=4))
+    cfg = PolicyGradientConfig(units=units, init="uniform", channel_bundle=bundle)
+    state = PolicyGradient(cfg).learn(None, space, CALIB, max_steps=0)
+    vec = UnitVector(space, cfg.units, state.ties)
+    assert vec.layout.full() == space.total_cost
+    has_bias = any(lu.attn_fixed or lu.mlp_fixed for lu in space.layers)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        hard = (torch.rand(vec.n, generator=g) < 0.6).to(torch.float64)
+        for kind in vec.gates:  # a plan must keep some attention: layer 0's gates and first group stay
+            hard[vec.slices[kind][0]] = 1.0
+        if Kind.ATTN_GROUP in vec.fine:
+            hard[vec.slices[Kind.ATTN_GROUP][0].start] = 1.0
+        if has_bias:  # keep a unit in every block: see the empty-block case below
+            for kind in vec.fine:
+                for sl in vec.slices[kind]:
+                    hard[sl.start + int(torch.randint(sl.stop - sl.start, (), generator=g))] = 1.0
+        assert float(vec.layout.expected(hard)) == _plan_of(vec, space, hard).kept_cost(space)
+    # Documented in CostLayout: a block whose gates are on and whose units are all off still counts its
+    # output bias in the layout, while the plan (and the masked sub-model) drop the block with its bias.
+    hard = torch.ones(vec.n, dtype=torch.float64)
+    hard[vec.indices(Kind.MLP_CHANNEL, [1])] = 0.0
+    overcount = float(vec.layout.expected(hard)) - _plan_of(vec, space, hard).kept_cost(space)
+    assert overcount == space.layers[1].mlp_fixed
+
+
+def test_gate_coordinates_keep_their_order():
+    """Checkpoints and the seeded samples depend on the flat vector's layout."""
+    space, _ = _synthetic(layers=2)
+    vec = UnitVector(space, tuple(reversed((*FINE_KINDS, *COARSE_KINDS))))
+    assert vec.fine == [Kind.ATTN_GROUP, Kind.MLP_CHANNEL]
+    assert vec.gates == [Kind.LAYER, Kind.ATTN_BLOCK, Kind.MLP_BLOCK]
+    assert vec.slices[Kind.LAYER][0].start == vec.n_fine
 
 
 def _first_half_important(space, important):

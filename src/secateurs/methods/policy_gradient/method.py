@@ -2,9 +2,11 @@
 
 Every unit (GQA group, MLP channel, optionally whole layers or blocks) has a keep probability `s_u`.
 Each step samples K masks m ~ Bernoulli(s) with a dedicated seeded generator, scores the K masked models
-on one calibration batch in one batched `SubmodelEvaluator.losses` call, forms the score-function
-gradient (`pg_math.score_gradient`), takes a cosine-scheduled step, and projects `s` back onto the
-parameter budget. The finished probabilities are turned into a hard plan by `select`.
+on one calibration batch in one batched `.losses` call of the method's evaluator (`Method.evaluator`: a
+`SubmodelEvaluator` unless one is injected), forms the score-function gradient
+(`estimator.score_gradient`), takes a cosine-scheduled step, and projects `s` back onto the parameter
+budget. The finished probabilities are turned into a hard plan by `select`. Costs come from `LayerUnits`
+(`UnitVector` lays them out as the tensor form `estimator.CostLayout`).
 
 Budgets (`allocation`, `budget`):
 
@@ -20,7 +22,7 @@ Layer / block units (``units`` containing "layer", "attn_block" or "mlp_block", 
 gates: a sample's block is kept with probability (layer gate) x (block gate), and the expected kept cost
 multiplies a block's content by its gates, so every parameter is counted once. The budget set is then
 not convex; the projection moves along the gradient of the expected cost, re-evaluated at the projected
-point (`pg_math.project`), and hits the budget exactly each time. At the end a layer or block whose
+point (`estimator.project`), and hits the budget exactly each time. At the end a layer or block whose
 probability is below 1/2 is a candidate to drop (lowest first, while it fits the budget); the fine units
 take the rest of the budget.
 
@@ -52,7 +54,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +63,7 @@ from tqdm.auto import tqdm
 
 from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError, LossError
-from secateurs.eval.loss import SubmodelEvaluator
-from secateurs.methods.base import Method, MethodConfig, UnitScores, get_method, register
+from secateurs.methods.base import Method, MethodConfig, UnitScores, fine_units, get_method, register
 from secateurs.methods.policy_gradient.estimator import (
     ESTIMATORS,
     CostLayout,
@@ -77,18 +77,36 @@ from secateurs.methods.policy_gradient.estimator import (
 from secateurs.scoring.select import select, target_params
 from secateurs.units.masks import Masks
 from secateurs.units.plan import LayerPlan, Plan
-from secateurs.units.space import Kind, UnitSpace
+from secateurs.units.space import COARSE_KINDS, FINE_KINDS, Kind, LayerUnits, UnitSpace
 
 log = logging.getLogger(__name__)
 
-FINE = (Kind.ATTN_GROUP.value, Kind.MLP_CHANNEL.value)
-GATES = (Kind.LAYER.value, Kind.ATTN_BLOCK.value, Kind.MLP_BLOCK.value)
 BUDGETS = ("global", "per-kind")
 BASELINES = ("moving", "leave-one-out")
 INIT_SCOPES = ("layer", "global")
 STATE_VERSION = 2  # 1: pickled state.pt (secateurs <= 0.1.0)
 # Settings that may change between an interrupted run and its resumption.
 _RESUMABLE = frozenset({"checkpoint_dir", "checkpoint_every", "resume", "log_every", "batch_rows"})
+
+# The cost layout's blocks: block 2*l is layer l's attention, 2*l+1 its MLP.
+_ATTN, _MLP = 0, 1
+_FINE_BLOCK = {Kind.ATTN_GROUP: _ATTN, Kind.MLP_CHANNEL: _MLP}  # the block a fine unit lies in
+# The blocks a gate multiplies. Its key order is the gate coordinates' order in the flat vector (after
+# the fine units), which checkpoints and the seeded samples depend on; COARSE_KINDS lists the same
+# kinds in another order, so it must not be used for the layout.
+_GATE_COVERS = {Kind.LAYER: (_ATTN, _MLP), Kind.ATTN_BLOCK: (_ATTN,), Kind.MLP_BLOCK: (_MLP,)}
+# The window order has its own stream (seed + 1), apart from the mask sampler (seed), so the windows a
+# run sees do not depend on how many masks it samples.
+_WINDOW_SEED_OFFSET = 1
+# Within a bundle all channels share one probability; the final selection breaks the tie by init score
+# with an offset of (rank / n) * 1e-6 < 1e-6 in a layer of n channels, meant to sit far below the
+# differences learning makes between coordinates. (`_select` compares float32 scores, spaced 6e-8 near
+# 0.5, so ranks closer than about n / 16 fall back to channel-index order.)
+_RANK_TIE_BREAK = 1e-6
+# A gate is a candidate to drop only where the sampler dropped it more often than not.
+_GATE_DROP_BELOW = 0.5
+# `plan.info["probabilities"]` is a record for reading and plotting: 5 decimals keep plan files small.
+_INFO_DECIMALS = 5
 
 
 @dataclass
@@ -175,8 +193,8 @@ class PolicyGradientConfig(MethodConfig):
             raise ConfigError(f"init_scope must be one of {INIT_SCOPES}, got {self.init_scope!r}")
         if self.budget not in BUDGETS:
             raise ConfigError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
-        gates = [u for u in self.units if u in GATES]
-        if self.budget == "per-kind" and not all(k in self.units for k in FINE):
+        gates = [str(u) for u in self.units if u in COARSE_KINDS]
+        if self.budget == "per-kind" and not all(k in self.units for k in FINE_KINDS):
             raise ConfigError("budget per-kind needs both attn_group and mlp_channel units")
         if gates and (self.budget != "global" or self.allocation != "global"):
             raise ConfigError(
@@ -221,6 +239,13 @@ class PGState:
         )  # fmt: skip
 
 
+def _unit_and_block_cost(lu: LayerUnits, kind: Kind) -> tuple[int, int]:
+    """One unit of fine `kind` and the whole block it lies in, as `LayerUnits` costs them."""
+    if kind == Kind.ATTN_GROUP:
+        return lu.group_cost, lu.attn_cost
+    return lu.channel_cost, lu.mlp_cost
+
+
 class UnitVector:
     """The map between the flat probability vector and per-layer, per-kind units of one `UnitSpace`.
 
@@ -233,14 +258,14 @@ class UnitVector:
         self, space: UnitSpace, units: tuple[str, ...], ties: dict[str, list[torch.Tensor]] | None = None
     ):
         self.space = space
-        self.fine = [k for k in FINE if k in units]
-        self.gates = [k for k in GATES if k in units]
+        self.fine = [k for k in FINE_KINDS if k in units]
+        self.gates = [k for k in _GATE_COVERS if k in units]
         # ties[kind][layer][u] = the coordinate (within the layer) that unit u shares; default: its own.
         self.ties = {k: [torch.arange(n) for n in space.n_units(k)] for k in self.fine}
         for kind, per_layer in (ties or {}).items():
             if kind in self.ties:
                 self.ties[kind] = [t.to(torch.long) for t in per_layer]
-        self.slices: dict[str, list[slice | None]] = {}
+        self.slices: dict[Kind, list[slice | None]] = {}
         pos = 0
         for kind in self.fine:
             self.slices[kind] = []
@@ -258,43 +283,41 @@ class UnitVector:
         self.layout = self._layout()
 
     def _layout(self) -> CostLayout:
+        """`CostLayout` of this vector from `LayerUnits`' costs: a learned unit's cost times the units tied
+        to it; a block's fixed part is its cost less what its learned units carry (all of it for a kind
+        that is not learned), so the full layout costs exactly `space.total_cost`."""
         sp = self.space
-        n_layers = sp.n_layers
         cost = torch.zeros(self.n_fine, dtype=torch.float64)
         block = torch.zeros(self.n_fine, dtype=torch.long)
-        fixed = torch.zeros(2 * n_layers, dtype=torch.float64)
+        fixed = torch.zeros(2 * sp.n_layers, dtype=torch.float64)
         for i, lu in enumerate(sp.layers):
-            fixed[2 * i] = lu.attn_fixed * lu.geometry.has_attn
-            fixed[2 * i + 1] = lu.mlp_fixed * lu.geometry.has_mlp
-            for kind, unit_cost, count, b in (
-                (Kind.ATTN_GROUP.value, lu.group_cost, lu.n_groups, 2 * i),
-                (Kind.MLP_CHANNEL.value, lu.channel_cost, lu.n_channels, 2 * i + 1),
-            ):
+            for kind, off in _FINE_BLOCK.items():
+                unit_cost, block_cost = _unit_and_block_cost(lu, kind)
+                b = 2 * i + off
+                fixed[b] = block_cost
                 if kind in self.fine:
                     sl = self.slices[kind][i]
                     members = torch.bincount(self.ties[kind][i], minlength=sl.stop - sl.start)
                     cost[sl], block[sl] = float(unit_cost) * members.to(torch.float64), b
-                else:  # not pruned: a fixed part of its block
-                    fixed[b] += unit_cost * count
-        gate_blocks = torch.zeros(self.n - self.n_fine, 2 * n_layers, dtype=torch.bool)
-        covers = {Kind.LAYER.value: (0, 1), Kind.ATTN_BLOCK.value: (0,), Kind.MLP_BLOCK.value: (1,)}
+                    fixed[b] -= unit_cost * int(members.sum())
+        gate_blocks = torch.zeros(self.n - self.n_fine, 2 * sp.n_layers, dtype=torch.bool)
         for kind in self.gates:
             for i, sl in enumerate(self.slices[kind]):
                 if sl is not None:
-                    for off in covers[kind]:
+                    for off in _GATE_COVERS[kind]:
                         gate_blocks[sl.start - self.n_fine, 2 * i + off] = True
         return CostLayout(cost, block, fixed, gate_blocks)
 
-    def indices(self, kind: str, layers: list[int] | None = None) -> torch.Tensor:
+    def indices(self, kind: Kind, layers: list[int] | None = None) -> torch.Tensor:
         layers = range(self.space.n_layers) if layers is None else layers
         parts = [torch.arange(sl.start, sl.stop) for i in layers if (sl := self.slices[kind][i]) is not None]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    def per_layer(self, flat: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    def per_layer(self, flat: torch.Tensor, kind: Kind) -> list[torch.Tensor]:
         """Per layer, one value per coordinate (a bundle of tied units has one)."""
         return [flat[..., sl] if sl is not None else flat[..., :0] for sl in self.slices[kind]]
 
-    def per_unit(self, flat: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    def per_unit(self, flat: torch.Tensor, kind: Kind) -> list[torch.Tensor]:
         """Per layer, one value per unit: tied units repeat their bundle's value."""
         if kind not in self.ties:
             return self.per_layer(flat, kind)
@@ -305,19 +328,18 @@ class UnitVector:
         k = samples.shape[0]
         samples = samples.float()
         m = Masks.ones(self.space, k)
-        for kind, target in ((Kind.ATTN_GROUP.value, m.groups), (Kind.MLP_CHANNEL.value, m.channels)):
+        for kind, target in ((Kind.ATTN_GROUP, m.groups), (Kind.MLP_CHANNEL, m.channels)):
             if kind in self.fine:
                 for i, t in enumerate(self.per_unit(samples, kind)):
                     target[i] = t.clone()
+        blocks = {_ATTN: m.attn_block, _MLP: m.mlp_block}
         for kind in self.gates:
             for i, sl in enumerate(self.slices[kind]):
                 if sl is None:
                     continue
                 gate = samples[:, sl.start]
-                if kind in (Kind.LAYER.value, Kind.ATTN_BLOCK.value):
-                    m.attn_block[:, i] *= gate
-                if kind in (Kind.LAYER.value, Kind.MLP_BLOCK.value):
-                    m.mlp_block[:, i] *= gate
+                for off in _GATE_COVERS[kind]:
+                    blocks[off][:, i] *= gate
         return m
 
     def segments(self, allocation: str, budget: str) -> list[tuple[torch.Tensor, CostLayout]]:
@@ -332,7 +354,7 @@ class UnitVector:
             else [[i] for i in range(self.space.n_layers)]
         )
         for kind in self.fine:
-            off = 0 if kind == Kind.ATTN_GROUP.value else 1
+            off = _FINE_BLOCK[kind]
             for layers in groups:
                 idx = self.indices(kind, layers)
                 if idx.numel() == 0:
@@ -359,7 +381,7 @@ def _bundles(
     init-score order within their layer, and each channel's rank in that order. Why: at ~1,000 sampled
     masks, a single channel's effect on the loss is far below the noise of the others', so per-channel
     probabilities mostly random-walk away from the init; a bundle's effect is large enough to learn."""
-    kind = Kind.MLP_CHANNEL.value
+    kind = Kind.MLP_CHANNEL
     if size == 1:
         return {}, {}
     ties, ranks = [], []
@@ -395,20 +417,53 @@ def _kept_fractions(plan: Plan, space: UnitSpace) -> dict[str, list[float]]:
         g, c = len(lp.groups(lu.n_groups)), len(lp.channels(lu.n_channels))
         out["attn"].append(g / lu.n_groups if lu.n_groups else 0.0)
         out["mlp"].append(c / lu.n_channels if lu.n_channels else 0.0)
-        kept = g * lu.group_cost + c * lu.channel_cost + lu.attn_fixed * (g > 0) + lu.mlp_fixed * (c > 0)
+        kept = lu.kept_cost(g, c, lp.attn_bias is not None, lp.mlp_bias is not None)
         out["params"].append(kept / lu.cost if lu.cost else 0.0)
     return out
 
 
-EvaluatorFactory = Callable[[torch.Tensor], Any]
+def _window_order(n_windows: int, seed: int) -> torch.Tensor:
+    """The seeded order in which steps visit the calibration windows (cycling when steps outnumber them)."""
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + _WINDOW_SEED_OFFSET))
+
+
+def _step_rows(order: torch.Tensor, step: int, per_step: int) -> torch.Tensor:
+    """The windows of step `step`: the next `per_step` of `order`, wrapping around."""
+    return order[(step * per_step + torch.arange(per_step)) % order.numel()]
+
+
+def _sample_masks(s: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """K masks m ~ Bernoulli(s), [K, n] float, from the run's own generator (saved in checkpoints)."""
+    return (torch.rand(k, s.numel(), generator=gen, dtype=torch.float64) < s).float()
+
+
+def _tie_break(probs: list[torch.Tensor], ranks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer: probabilities plus a rank offset below `_RANK_TIE_BREAK`, so a bundle's channels (one
+    shared probability) are selected in init-score order."""
+    return [p + _RANK_TIE_BREAK * r / max(r.numel(), 1) for p, r in zip(probs, ranks, strict=True)]
+
+
+def _count_work(state: PGState, tokens: int, evaluator: Any) -> None:
+    """Add one step's tokens (K masks x the batch) and the evaluator's batched forwards, where it counts
+    them (`stats.forwards`), to the run's totals."""
+    state.tokens += int(tokens)
+    state.forwards += int(getattr(getattr(evaluator, "stats", None), "forwards", 0))
+
+
+def _show_progress(bar: tqdm, losses: torch.Tensor, state: PGState) -> None:
+    """One step on the progress bar, with this step's mean loss and the moving baseline."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(losses.mean()):.3f}", baseline=f"{state.baseline:.3f}")
 
 
 @register
 class PolicyGradient(Method):
     """Learn Bernoulli keep-probabilities with a score-function (policy) gradient; forward passes only.
 
-    `evaluator_factory(windows) -> evaluator` (anything with `.losses(masks) -> [K]`) replaces the
-    default `SubmodelEvaluator` on `windows`; tests use it to plug in synthetic losses.
+    Sub-models are scored by `self.evaluator(model, windows, space)` (`Method`), so an
+    `evaluator_factory(model, windows, space)` given to the constructor replaces the default
+    `SubmodelEvaluator`; tests use it to plug in synthetic losses. One evaluator is made per step, on
+    that step's windows.
     """
 
     name = "policy-gradient"
@@ -416,12 +471,6 @@ class PolicyGradient(Method):
         "Bernoulli keep-probabilities learned by policy gradient with a budget projection (2406.10576)"
     )
     config_class = PolicyGradientConfig
-
-    def __init__(
-        self, config: PolicyGradientConfig | None = None, evaluator_factory: EvaluatorFactory | None = None
-    ):
-        super().__init__(config)
-        self.evaluator_factory = evaluator_factory
 
     # -- public ----------------------------------------------------------------------------------
     def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
@@ -431,36 +480,20 @@ class PolicyGradient(Method):
     def learn(
         self, model: nn.Module, space: UnitSpace, calib: torch.Tensor, max_steps: int | None = None
     ) -> PGState:
-        """Run (or resume) the optimisation; stop after `max_steps` steps in total if given."""
+        """Run (or resume) the optimisation; stop after `max_steps` steps in total if given.
+
+        Each step: draw its windows, sample K masks, score them (a non-finite loss stops the run), update
+        and project the probabilities, checkpoint, report progress."""
         cfg: PolicyGradientConfig = self.config
         checkpoint = RunCheckpoint(
             cfg.checkpoint_dir, self.name, STATE_VERSION, cfg.to_dict(), run_fingerprint(model, calib),
             _RESUMABLE,
         )  # fmt: skip
-        saved = checkpoint.start(cfg.resume)
-        state = None if saved is None else PGState.from_dict(saved["state"])
-        if state is None:
-            s, ties, order = self._init(model, space, calib)
-            state = PGState(
-                s=s,
-                baseline=None,
-                step=0,
-                generator=torch.Generator().manual_seed(cfg.seed).get_state(),
-                curve={"step": [], "loss": [], "baseline": [], "lr": []},
-                ties=ties,
-                order=order,
-            )
-        vec = UnitVector(space, cfg.units, state.ties)
-        if state.s.numel() != vec.n:
-            raise ConfigError(
-                f"cannot resume: checkpoint has {state.s.numel()} coordinates, the model has {vec.n}"
-            )
+        state = self._start(model, space, calib, checkpoint)
+        vec = self._unit_vector(space, state)
         segments = vec.segments(cfg.allocation, cfg.budget)
         windows = _split_windows(calib, cfg.split_len)
-        order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))
-        factory = self.evaluator_factory or (
-            lambda w: SubmodelEvaluator(model, w, max_rows=cfg.batch_rows, space=space)
-        )
+        order = _window_order(windows.shape[0], cfg.seed)
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
         log.info(
             "policy gradient: %d units, steps %d..%d of %d, K=%d, %d window(s) x %d tokens per step (%d tokens per step)",
@@ -469,39 +502,20 @@ class PolicyGradient(Method):
         )  # fmt: skip
         gen = torch.Generator()
         gen.set_state(state.generator)
-        saved = state.step
-        bar = tqdm(total=cfg.steps, initial=state.step, desc="policy-gradient", unit="step", disable=None)
-        try:
+        saved = state.step  # the step the last good checkpoint holds
+        with tqdm(
+            total=cfg.steps, initial=state.step, desc="policy-gradient", unit="step", disable=None
+        ) as bar:
             while state.step < end:
-                t = state.step
-                rows = order[(t * cfg.windows_per_step + torch.arange(cfg.windows_per_step)) % order.numel()]
-                batch = windows[rows]
-                samples = (
-                    torch.rand(cfg.samples, vec.n, generator=gen, dtype=torch.float64) < state.s
-                ).float()
-                try:
-                    evaluator = factory(batch)
-                    losses = torch.as_tensor(evaluator.losses(vec.masks(samples)), dtype=torch.float64)
-                    if not torch.isfinite(losses).all():
-                        raise LossError(f"non-finite loss {losses.tolist()}")
-                except LossError as e:
-                    where = (
-                        f"; the last good checkpoint (step {saved}) in {cfg.checkpoint_dir} is intact"
-                        if cfg.checkpoint_dir and saved
-                        else ""
-                    )
-                    raise LossError(f"policy gradient stopped at step {t}: {e}{where}") from e
-                state = self._step(state, samples, losses, t, vec, segments, gen)
-                state.tokens += int(cfg.samples * batch.numel())
-                stats = getattr(evaluator, "stats", None)
-                state.forwards += int(getattr(stats, "forwards", 0))
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(losses.mean()):.3f}", baseline=f"{state.baseline:.3f}")
-                if cfg.checkpoint_dir and (state.step % cfg.checkpoint_every == 0 or state.step == end):
+                batch = windows[_step_rows(order, state.step, cfg.windows_per_step)]
+                samples = _sample_masks(state.s, cfg.samples, gen)
+                losses, evaluator = self._evaluate(model, space, vec, batch, samples, state.step, saved)
+                state = self._step(state, samples, losses, vec, segments, gen)
+                _count_work(state, cfg.samples * batch.numel(), evaluator)
+                if self._checkpoint_due(state.step, end):
                     checkpoint.save(state.to_dict())
                     saved = state.step
-        finally:
-            bar.close()
+                _show_progress(bar, losses, state)
         return state
 
     def finish(self, state: PGState, space: UnitSpace) -> Plan:
@@ -510,7 +524,7 @@ class PolicyGradient(Method):
         vec = UnitVector(space, cfg.units, state.ties)
         probs = {kind: vec.per_unit(state.s, kind) for kind in vec.fine + vec.gates}
         for kind, ranks in state.order.items():  # within a bundle, the lower init score goes first
-            probs[kind] = [p + 1e-6 * r / max(r.numel(), 1) for p, r in zip(probs[kind], ranks, strict=True)]
+            probs[kind] = _tie_break(probs[kind], ranks)
         plan = self._select(probs, space, vec)
         expected = float(vec.layout.expected(state.s)) / space.total_cost
         kept = _kept_fractions(plan, space)
@@ -519,7 +533,9 @@ class PolicyGradient(Method):
             {
                 "tokens": state.tokens,
                 "forwards": state.forwards,
-                "probabilities": {k: [[round(float(x), 5) for x in t] for t in v] for k, v in probs.items()},
+                "probabilities": {
+                    k: [[round(float(x), _INFO_DECIMALS) for x in t] for t in v] for k, v in probs.items()
+                },
                 "expected_kept_fraction": expected,
                 "kept_fraction_per_layer": kept,
                 "training": {
@@ -536,9 +552,83 @@ class PolicyGradient(Method):
         )  # fmt: skip
         return plan
 
-    # -- steps -----------------------------------------------------------------------------------
-    def _step(self, state: PGState, samples, losses, t, vec: UnitVector, segments, gen) -> PGState:
+    # -- the steps of `learn` --------------------------------------------------------------------
+    def _start(
+        self, model: nn.Module, space: UnitSpace, calib: torch.Tensor, checkpoint: RunCheckpoint
+    ) -> PGState:
+        """The saved state when resuming (`RunCheckpoint.start` checks it is this run's), else a fresh one
+        at the init probabilities."""
         cfg: PolicyGradientConfig = self.config
+        saved = checkpoint.start(cfg.resume)
+        if saved is not None:
+            return PGState.from_dict(saved["state"])
+        s, ties, order = self._init(model, space, calib)
+        return PGState(
+            s=s,
+            baseline=None,
+            step=0,
+            generator=torch.Generator().manual_seed(cfg.seed).get_state(),
+            curve={"step": [], "loss": [], "baseline": [], "lr": []},
+            ties=ties,
+            order=order,
+        )
+
+    def _unit_vector(self, space: UnitSpace, state: PGState) -> UnitVector:
+        """The layout `state` was made with (its bundles); a state of another model is refused."""
+        vec = UnitVector(space, self.config.units, state.ties)
+        if state.s.numel() != vec.n:
+            raise ConfigError(
+                f"cannot resume: checkpoint has {state.s.numel()} coordinates, the model has {vec.n}"
+            )
+        return vec
+
+    def _checkpoint_due(self, step: int, end: int) -> bool:
+        """Save every `checkpoint_every` steps and at the last step of this call (when saving at all)."""
+        cfg: PolicyGradientConfig = self.config
+        return bool(cfg.checkpoint_dir) and (step % cfg.checkpoint_every == 0 or step == end)
+
+    def _evaluate(
+        self,
+        model: nn.Module,
+        space: UnitSpace,
+        vec: UnitVector,
+        batch: torch.Tensor,
+        samples: torch.Tensor,
+        step: int,
+        saved: int,
+    ) -> tuple[torch.Tensor, Any]:
+        """Losses of the K sampled sub-models on `batch` (float64 [K]) and the evaluator that made them.
+
+        A non-finite loss, or an evaluator's `LossError`, stops the run: a NaN would poison every
+        probability through the gradient. The error names the last good checkpoint, which is intact."""
+        cfg: PolicyGradientConfig = self.config
+        try:
+            evaluator = self.evaluator(model, batch, space)
+            losses = torch.as_tensor(evaluator.losses(vec.masks(samples)), dtype=torch.float64)
+            if not torch.isfinite(losses).all():
+                raise LossError(f"non-finite loss {losses.tolist()}")
+        except LossError as e:
+            where = (
+                f"; the last good checkpoint (step {saved}) in {cfg.checkpoint_dir} is intact"
+                if cfg.checkpoint_dir and saved
+                else ""
+            )
+            raise LossError(f"policy gradient stopped at step {step}: {e}{where}") from e
+        return losses, evaluator
+
+    def _step(
+        self,
+        state: PGState,
+        samples: torch.Tensor,
+        losses: torch.Tensor,
+        vec: UnitVector,
+        segments: list[tuple[torch.Tensor, CostLayout]],
+        gen: torch.Generator,
+    ) -> PGState:
+        """One update: baseline, score-function gradient, cosine-scheduled step, projection onto the
+        budget; the curve records every `log_every`-th step and the last."""
+        cfg: PolicyGradientConfig = self.config
+        t = state.step
         mean_loss = float(losses.mean())
         if cfg.baseline == "leave-one-out":
             base = leave_one_out(losses)
@@ -556,7 +646,8 @@ class PolicyGradient(Method):
             s, baseline, t + 1, gen.get_state(), curve, state.tokens, state.forwards, state.ties, state.order
         )
 
-    def _project(self, v: torch.Tensor, segments) -> torch.Tensor:
+    def _project(self, v: torch.Tensor, segments: list[tuple[torch.Tensor, CostLayout]]) -> torch.Tensor:
+        """Each segment's coordinates onto (1 - sparsity) of its full cost, within [eps, 1 - eps]."""
         cfg: PolicyGradientConfig = self.config
         out = v.clone()
         keep = 1.0 - cfg.sparsity
@@ -565,7 +656,9 @@ class PolicyGradient(Method):
         return out
 
     # -- init ------------------------------------------------------------------------------------
-    def _init(self, model, space, calib) -> tuple[torch.Tensor, dict, dict]:
+    def _init(
+        self, model: nn.Module, space: UnitSpace, calib: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
         """Fine units: sigmoid(z-score of a metric) per kind, or the kept fraction; gates: `gate_init`.
         Then every segment is shifted (fine units only) so its expected kept cost is the budget.
         Returns the probabilities and the MLP bundles (ties and init-score ranks) they are over."""
@@ -573,7 +666,7 @@ class PolicyGradient(Method):
         keep = 1.0 - cfg.sparsity
         scores = self._metric_scores(model, space, calib)
         ties, order = (
-            _bundles(space, scores, cfg.channel_bundle) if Kind.MLP_CHANNEL.value in cfg.units else ({}, {})
+            _bundles(space, scores, cfg.channel_bundle) if Kind.MLP_CHANNEL in cfg.units else ({}, {})
         )
         vec = UnitVector(space, cfg.units, ties)
         v = torch.full((vec.n,), keep, dtype=torch.float64)
@@ -601,10 +694,10 @@ class PolicyGradient(Method):
                 raise ConfigError(f"cannot start at the budget with gate_init={cfg.gate_init}: {e}") from None
         return out, ties, order
 
-    def _metric_scores(self, model, space, calib) -> UnitScores | None:
+    def _metric_scores(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> UnitScores | None:
         """The init metric's per-unit scores of the fine kinds (None for a uniform init)."""
         cfg: PolicyGradientConfig = self.config
-        fine = tuple(k for k in FINE if k in cfg.units)
+        fine = fine_units(cfg.units)
         if cfg.init == "uniform" or not fine:
             return None
         method = get_method(cfg.init)
@@ -622,42 +715,33 @@ class PolicyGradient(Method):
         if vec.fine:
             for kind in vec.gates:  # a gate goes only where the sampler drops it more often than not
                 for t in scores[kind]:
-                    t[t >= 0.5] = math.inf
+                    t[t >= _GATE_DROP_BELOW] = math.inf
         if cfg.budget == "global" or cfg.allocation == "uniform":
             return select(UnitScores(scores), space, cfg.sparsity, cfg.allocation, cfg.units)
         # Attention takes its own share, to the nearest whole group; MLP channels land the total target.
         attn_total = sum(lu.attn_cost for lu in space.layers if lu.n_groups)
         half_group = min(lu.group_cost for lu in space.layers if lu.n_groups) / 2
         attn_target = max(0, math.ceil(cfg.sparsity * attn_total - half_group))
-        parts = {}
+        attn = None
+        removed_attn = 0
         if attn_target:
-            parts[Kind.ATTN_GROUP.value] = select(
-                UnitScores(scores),
-                space,
-                cfg.sparsity,
-                "global",
-                (Kind.ATTN_GROUP.value,),
-                target=attn_target,
+            attn = select(
+                UnitScores(scores), space, cfg.sparsity, "global", (Kind.ATTN_GROUP,), target=attn_target
             )
-            removed_attn = space.total_cost - parts[Kind.ATTN_GROUP.value].kept_cost(space)
-        else:
-            removed_attn = 0
+            removed_attn = space.total_cost - attn.kept_cost(space)
         mlp_target = target_params(space, cfg.sparsity) - removed_attn
-        parts[Kind.MLP_CHANNEL.value] = select(
-            UnitScores(scores), space, cfg.sparsity, "global", (Kind.MLP_CHANNEL.value,), target=mlp_target
+        mlp = select(
+            UnitScores(scores), space, cfg.sparsity, "global", (Kind.MLP_CHANNEL,), target=mlp_target
         )
-        layers = []
-        for i in range(space.n_layers):
-            a = parts.get(Kind.ATTN_GROUP.value)
-            m = parts.get(Kind.MLP_CHANNEL.value)
-            layers.append(
-                LayerPlan(
-                    keep_groups=a.layers[i].keep_groups if a else None,
-                    keep_channels=m.layers[i].keep_channels if m else None,
-                    drop_attn=a.layers[i].drop_attn if a else False,
-                    drop_mlp=m.layers[i].drop_mlp if m else False,
-                )
+        layers = [
+            LayerPlan(
+                keep_groups=attn.layers[i].keep_groups if attn else None,
+                keep_channels=mlp.layers[i].keep_channels,
+                drop_attn=attn.layers[i].drop_attn if attn else False,
+                drop_mlp=mlp.layers[i].drop_mlp,
             )
+            for i in range(space.n_layers)
+        ]
         plan = Plan(layers).canonical(space)
         removed = space.total_cost - plan.kept_cost(space)
         if removed < target_params(space, cfg.sparsity):
