@@ -10,24 +10,22 @@ import torch
 from secateurs.errors import ConfigError
 from secateurs.eval.loss import EvalStats
 from secateurs.methods.base import REGISTRY, MethodConfig, MetricMethod, UnitScores, get_method
-from secateurs.methods.bonsai.method import (
-    ATTN,
-    MLP,
-    Bonsai,
-    BonsaiConfig,
+from secateurs.methods.bonsai import Bonsai, BonsaiConfig
+from secateurs.methods.bonsai.candidates import (
     antithetic_keep,
     drop_probabilities,
     feature_masks,
+    layer_lineage,
+    protected_in_current,
     round_candidates,
     to_protect,
 )
-from secateurs.methods.bonsai.regression import fit_importance, kendall, prepare_targets
+from secateurs.methods.bonsai.regression import _test_folds, fit_importance, kendall, prepare_targets
 from secateurs.scoring.select import target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.testing import tiny_model
-from secateurs.units.space import UnitSpace
-
-KINDS = (ATTN, MLP)
+from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
 
 
 def _calib(n=8, t=16, vocab=96, seed=0):
@@ -125,6 +123,15 @@ def test_targets_are_centred_and_capped():
     np.testing.assert_allclose(prepare_targets(losses, cap=0), -(losses - losses.mean()))
 
 
+def test_cv_folds_keep_antithetic_pairs_together():
+    pairs = np.repeat(np.arange(10), 2)
+    folds = _test_folds(pairs, 5, seed=3)
+    assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(20))
+    for train, test in folds:
+        assert len(test) == 4 and not set(pairs[train].tolist()) & set(pairs[test].tolist())
+    assert [t.tolist() for _, t in folds] == [t.tolist() for _, t in _test_folds(pairs, 5, seed=3)]
+
+
 # -- candidates and antithetic masks -------------------------------------------------------------
 
 
@@ -136,8 +143,10 @@ def _magnitude_prior(model, space):
 def test_antithetic_pairs_are_complements_within_candidates():
     model = tiny_model("llama")
     space = UnitSpace.from_model(model)
-    cands = round_candidates(space, _magnitude_prior(model, space), 0.1 * space.total_cost, KINDS, 2.0, 2)
-    p = drop_probabilities(cands, {ATTN: 0.5, MLP: 0.5})
+    cands = round_candidates(
+        space, _magnitude_prior(model, space), 0.1 * space.total_cost, FINE_KINDS, 2.0, 2
+    )
+    p = drop_probabilities(cands, {Kind.ATTN_GROUP: 0.5, Kind.MLP_CHANNEL: 0.5})
     keep = antithetic_keep(p, 40, torch.Generator().manual_seed(0))
     masks = feature_masks(space, cands, keep)
     for li, lu in enumerate(space.layers):
@@ -145,7 +154,7 @@ def test_antithetic_pairs_are_complements_within_candidates():
         cand_c = torch.zeros(lu.n_channels, dtype=torch.bool)
         for k, layer, idx in zip(cands.kind, cands.layer, cands.units, strict=True):
             if layer == li:
-                (cand_g if k == ATTN else cand_c)[idx] = True
+                (cand_g if k == Kind.ATTN_GROUP else cand_c)[idx] = True
         for m, cand in ((masks.groups[li], cand_g), (masks.channels[li], cand_c)):
             a, b = m[0::2], m[1::2]
             assert torch.equal(a[:, cand] + b[:, cand], torch.ones_like(a[:, cand]))  # complements
@@ -153,8 +162,8 @@ def test_antithetic_pairs_are_complements_within_candidates():
             assert torch.equal(b[:, ~cand], torch.ones_like(b[:, ~cand]))
     # the number dropped varies from sample to sample, so kind-level effects are identifiable
     kinds = np.array(cands.kind)
-    n_attn = (1 - keep[:, kinds == ATTN]).sum(1)
-    n_mlp = (1 - keep[:, kinds == MLP]).sum(1)
+    n_attn = (1 - keep[:, kinds == Kind.ATTN_GROUP]).sum(1)
+    n_mlp = (1 - keep[:, kinds == Kind.MLP_CHANNEL]).sum(1)
     assert n_attn.unique().numel() > 1 and n_mlp.unique().numel() > 1
 
 
@@ -172,15 +181,17 @@ def test_few_units_attention_groups_are_candidates():
             k.weight[:hd] *= 1e-3
             v.weight[:hd] *= 1e-3
             o.weight[:, :width] *= 1e-3
-    cands = round_candidates(space, _magnitude_prior(model, space), 0.1 * space.total_cost, KINDS, 2.0, 0)
+    cands = round_candidates(
+        space, _magnitude_prior(model, space), 0.1 * space.total_cost, FINE_KINDS, 2.0, 0
+    )
     attn = {
         (li, int(idx[0]))
         for k, li, idx in zip(cands.kind, cands.layer, cands.units, strict=True)
-        if k == ATTN
+        if k == Kind.ATTN_GROUP
     }
     assert {(1, 0), (2, 0)} <= attn
     # and they are dropped when the losses say they matter least
-    plan = _FakeBonsai(
+    plan = _fake_bonsai(
         BonsaiConfig(sparsity=0.1, prior="magnitude", masks_per_round=32, channel_bundle=4)
     ).plan(model, space, _calib())
     canon = plan.canonical(space)
@@ -241,9 +252,9 @@ class LinearLossEvaluator:
         return (out + self.noise * torch.randn(masks.batch, generator=self.g, dtype=torch.float64)).float()
 
 
-class _FakeBonsai(Bonsai):
-    def make_evaluator(self, model, windows, space):
-        return LinearLossEvaluator(model, windows, space)
+def _fake_bonsai(cfg):
+    """Bonsai on `LinearLossEvaluator`'s synthetic losses (the method's evaluator injection)."""
+    return Bonsai(cfg, evaluator_factory=LinearLossEvaluator)
 
 
 class NullEvaluator(LinearLossEvaluator):
@@ -254,12 +265,11 @@ class NullEvaluator(LinearLossEvaluator):
         return 3.0 + 0.01 * torch.randn(masks.batch, generator=self.g)
 
 
-class _NullBonsai(Bonsai):
-    def make_evaluator(self, model, windows, space):
-        return NullEvaluator(model, windows, space)
+def _null_bonsai(cfg):
+    return Bonsai(cfg, evaluator_factory=NullEvaluator)
 
 
-def _dropped_over_kept(cls, penalty):
+def _dropped_over_kept(make, penalty):
     model = _plant(tiny_model("llama", layers=2))
     space = UnitSpace.from_model(model)
     _, channels = _importances(model, space)
@@ -274,7 +284,7 @@ def _dropped_over_kept(cls, penalty):
         seed=3,
         penalty=penalty,
     )
-    plan = cls(cfg).plan(model, space, _calib())
+    plan = make(cfg).plan(model, space, _calib())
     canon = plan.canonical(space)
     kept_w, dropped_w = [], []
     for li, (lp, lu) in enumerate(zip(canon.layers, space.layers, strict=True)):
@@ -288,11 +298,26 @@ def _dropped_over_kept(cls, penalty):
 @pytest.mark.parametrize("penalty", ["l1", "l2"])
 def test_rounds_keep_the_units_the_losses_say_matter(penalty):
     # the prior is random, so only the regression can find the unimportant channels
-    ratio, plan = _dropped_over_kept(_FakeBonsai, penalty)
-    blind, blind_plan = _dropped_over_kept(_NullBonsai, penalty)
+    ratio, plan = _dropped_over_kept(_fake_bonsai, penalty)
+    blind, blind_plan = _dropped_over_kept(_null_bonsai, penalty)
     assert ratio < 0.7 < 0.8 < blind
     assert all(r["tau"] > 0.6 for r in plan.info["rounds"])
     assert all(abs(r["tau"] or 0.0) < 0.3 for r in blind_plan.info["rounds"])
+
+
+def test_protected_units_follow_their_original_indices():
+    model = tiny_model("llama", layers=2)
+    orig = UnitSpace.from_model(model)
+    n = orig.layers[0].n_channels
+    plan = Plan([LayerPlan(keep_groups=[1], keep_channels=list(range(1, n))), LayerPlan()])
+    lineage = layer_lineage(plan, orig)
+    assert lineage[0].groups == [1] and lineage[0].channels[0] == 1 and lineage[1].groups == [0, 1]
+    cur = UnitSpace.from_model(apply_plan_(copy.deepcopy(model), plan))
+    protected = {Kind.ATTN_GROUP: {(0, 1)}, Kind.MLP_CHANNEL: {(0, 1), (1, 0)}}  # original indices
+    now = protected_in_current(protected, lineage, cur)
+    assert now[Kind.ATTN_GROUP][0].tolist() == [True] and not now[Kind.ATTN_GROUP][1].any()
+    assert now[Kind.MLP_CHANNEL][0].nonzero().flatten().tolist() == [0]  # original channel 1 is now 0
+    assert now[Kind.MLP_CHANNEL][1].nonzero().flatten().tolist() == [0]
 
 
 def test_protect_rule():
@@ -313,7 +338,10 @@ class _MarkedLowPrior(MetricMethod):
     def scores(self, model, space, calib):
         groups, channels = _importances(model, space)
         return UnitScores(
-            {ATTN: [(g < 100).float() for g in groups], MLP: [torch.ones_like(c).float() for c in channels]}
+            {
+                Kind.ATTN_GROUP: [(g < 100).float() for g in groups],
+                Kind.MLP_CHANNEL: [torch.ones_like(c).float() for c in channels],
+            }
         )
 
 
@@ -325,15 +353,17 @@ def test_catastrophic_unit_is_protected_and_kept(monkeypatch):
     with torch.no_grad():  # layer 1, group 0: the lowest prior, but worth 30x any other group
         o.weight[0, 0] = 30.0 * float(o.weight[0, 0])
     cfg = BonsaiConfig(sparsity=0.3, prior=_MarkedLowPrior.name, masks_per_round=48, channel_bundle=4)
-    plan = _FakeBonsai(cfg).plan(model, space, _calib())
-    assert plan.info["rounds"][0]["protected"][0][:2] == [ATTN, 1]
-    assert [1, 0] in [list(x) for x in plan.info["protected"][ATTN]]
+    plan = _fake_bonsai(cfg).plan(model, space, _calib())
+    assert plan.info["rounds"][0]["protected"][0][:2] == [Kind.ATTN_GROUP, 1]
+    assert [1, 0] in [list(x) for x in plan.info["protected"][Kind.ATTN_GROUP]]
     assert 0 in plan.canonical(space).layers[1].groups(2)
     # once protected it is no candidate: later rounds' attention candidates (original indices) are others
     assert [1, 0] in plan.info["rounds"][0]["attn_candidates"]
     assert all([1, 0] not in r["attn_candidates"] for r in plan.info["rounds"][1:])
-    no_protect = _FakeBonsai(BonsaiConfig(**{**cfg.to_dict(), "protect": False})).plan(model, space, _calib())
-    assert no_protect.info["protected"][ATTN] == []
+    no_protect = _fake_bonsai(BonsaiConfig(**{**cfg.to_dict(), "protect": False})).plan(
+        model, space, _calib()
+    )
+    assert no_protect.info["protected"][Kind.ATTN_GROUP] == []
     assert 0 in no_protect.canonical(space).layers[1].groups(2)  # the regression alone keeps it too
 
 
@@ -355,7 +385,7 @@ def test_target_met_exactly_and_plan_applies(family, sparsity):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     target = target_params(space, sparsity)
     removed = space.total_cost - plan.kept_cost(space)
-    assert target <= removed < target + min(space.unit_costs(MLP))
+    assert target <= removed < target + min(space.unit_costs(Kind.MLP_CHANNEL))
     assert plan.info["removed_params"] == removed
     assert plan.info["n_rounds"] == len(plan.info["rounds"]) == int(np.ceil(sparsity / 0.1 - 1e-9))
     assert plan.info["forwards"] > 0 and plan.info["tokens"] > 0
@@ -405,7 +435,7 @@ def test_same_seed_same_plan_and_config_checks():
     for bad in (
         dict(masks_per_round=7),
         dict(allocation="uniform"),
-        dict(units=("attn_group", "layer")),
+        dict(units=(Kind.ATTN_GROUP, Kind.LAYER)),
         dict(resume=True),
         dict(penalty="l3"),
         dict(alphas="0.1,x"),

@@ -4,12 +4,14 @@ Rounds. Each round removes `prune_frac` of the ORIGINAL prunable parameters (the
 what is left, so the run stops at the target, overshooting by less than one MLP channel):
 
 1. Prior: a metric method's per-unit scores on the current model (`prior`, default Wanda-sp).
-2. Candidates: units outside the safe top of each module by prior. The reference keeps the top
-   `1 - 2*prune_frac` of each module; here the candidates are `candidate_ratio` (2) times the round's
-   budget, as a fraction of what is left, so late rounds (on a smaller model) keep the same freedom.
+2. Candidates: units outside the safe top of each module by prior, `candidate_ratio` (2) times the
+   round's budget; attention groups pooled across layers, MLP channels per layer in bundles of about one
+   GQA group's parameters (`candidates.round_candidates`; why, in `candidates`' docstring).
 3. Perturbations: `masks_per_round` sub-models in antithetic pairs (a mask and its complement within
-   the candidates; everything else is kept in both), each scored by `SubmodelEvaluator.losses` on the
-   same `eval_windows` calibration windows, many sub-models per batched forward.
+   the candidates; everything else is kept in both), each candidate dropped with a probability that
+   grows as its prior falls, at a per-kind mean rate (`attn_drop_rate`, `mlp_drop_rate`, default 1/2).
+   Each sub-model is scored by the method's evaluator (`Method.evaluator`, a `SubmodelEvaluator` unless
+   one is injected) on the same `eval_windows` calibration windows, many sub-models per batched forward.
 4. Regression from the binary candidate masks to -loss (`regression.fit_importance`): anchored at the
    prior (one scale per kind, fitted jointly with the corrections), L1 (sklearn Lasso, default, as the
    reference) or L2 (closed-form ridge) penalty chosen by k-fold cross-validation on Kendall's tau.
@@ -21,33 +23,10 @@ what is left, so the run stops at the target, overshooting by less than one MLP 
    with +inf for the safe units; the lowest go until the budget is spent. The model is then sliced
    (`apply_plan_`), so later rounds run faster, and the round plans compose (`Plan.then`) into one plan
    relative to the original model.
-
-Modules with few units (SmolLM2: 3 GQA groups per layer). The reference's per-module rule makes no
-attention group a candidate there (the top 1 - 2*prune_frac of 3 is all 3), or drops the one candidate of
-every layer at once and none in the complement. Instead:
-
-* Attention groups are pooled across layers: the candidates are the lowest `fraction x all groups` by
-  prior relative to their layer's mean (the per-module rule, pooled). Ranking by raw Wanda-sp scores
-  instead put all 18 round-1 candidates of SmolLM2 in layers 0-7 (activations grow with depth), all
-  3 groups of layer 0 among them, and the sub-models were wrecked (mean loss 6.4 against 3.6). MLP
-  channels keep the per-layer (per-module) rule: 1536 channels per layer is plenty.
-* Each regression feature is dropped independently (Bernoulli) with probability proportional to
-  `max_prior - prior` (module max; for attention on the relative scale), scaled to a per-kind mean drop
-  rate (`attn_drop_rate`, `mlp_drop_rate`, default 1/2), and its complement drops exactly the others. So the number dropped per
-  kind and per layer varies from sample to sample: the regression can tell how attention as a whole
-  compares with MLP and one layer with another, which a fixed count per module would make
-  unidentifiable (it would be collinear with the intercept).
-* MLP candidates are bundled into regression features of about one GQA group's parameters each
-  (`channel_bundle`; 1 = one feature per channel, as in the reference), consecutive in prior order within
-  a layer. At ~50 sub-models a round, thousands of single-channel features would leave each channel's
-  coefficient mostly noise; bundles of a group's size are estimated as well as the groups themselves.
-  A bundle's coefficient is shared by its channels, which keep their prior order within the bundle.
-* A unit estimated to cost more loss alone than the whole round's pruning (and more than the spread of
-  the sub-model losses) is never a candidate again (`protect`). SmolLM2 has an attention group in layer 1
-  worth ~2.8 nats: its prior is low for its layer, so without this it would be a candidate in every round
-  and break half of each round's sub-models. Protected units are tracked in original indices.
-* The held-out Kendall tau is logged per round, overall and split into attention and MLP parts, with the
-  prior alone for comparison, and stored in `plan.info["rounds"]`.
+6. Protection (`protect`): a unit estimated to cost more loss alone than the whole round's pruning (and
+   more than the spread of the sub-model losses) is never a candidate again (`candidates.to_protect`).
+   The held-out Kendall tau is logged per round, overall and split into attention and MLP parts, with the
+   prior alone for comparison, and stored in `plan.info["rounds"]`.
 
 Budget (defaults, SmolLM2-135M at 50% from the CLI's 32 x 128-token calibration windows): 5 rounds x
 (40 sub-models + the current model) x 6 windows x 128 tokens = 157k tokens of sub-model evaluation, plus
@@ -60,10 +39,11 @@ on 2 cores: about 12-13 minutes for 50%. The earlier 48 x 8-window setting (0.27
 about 19 minutes there.
 
 Long runs: `checkpoint_dir` keeps the composed plan, round index, generator state, per-round figures and
-counters after every round; `resume=True` re-applies the plan to a fresh copy of the original model and
-continues to the same final plan as an uninterrupted run with the same seed. All randomness comes from
-one `torch.Generator` seeded with `seed` (numpy/sklearn get explicit seeds derived from it per round).
-`plan()` works on a deep copy: the caller's model is left unchanged (memory: one extra copy).
+counters after every round (`RunCheckpoint`); `resume=True` re-applies the plan to a fresh copy of the
+original model and continues to the same final plan as an uninterrupted run with the same seed. All
+randomness comes from one `torch.Generator` seeded with `seed` (numpy/sklearn get explicit seeds derived
+from it per round). `plan()` works on a deep copy: the caller's model is left unchanged (memory: one
+extra copy).
 """
 
 from __future__ import annotations
@@ -73,7 +53,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -82,22 +62,49 @@ from tqdm.auto import tqdm
 
 from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError
-from secateurs.eval.loss import SubmodelEvaluator
 from secateurs.methods.base import Method, MethodConfig, MetricMethod, UnitScores, get_method, register
-from secateurs.methods.bonsai.regression import ANCHORS, DEFAULT_ALPHAS, PENALTIES, fit_importance
+from secateurs.methods.bonsai.candidates import (
+    POOL,
+    Candidates,
+    Lineage,
+    antithetic_keep,
+    drop_probabilities,
+    dropped_counts,
+    dropped_fractions,
+    feature_masks,
+    layer_lineage,
+    protected_in_current,
+    round_candidates,
+    to_protect,
+    unit_scores,
+)
+from secateurs.methods.bonsai.regression import (
+    ANCHORS,
+    DEFAULT_ALPHAS,
+    PENALTIES,
+    RegressionFit,
+    fit_importance,
+    robust_sd,
+)
 from secateurs.scoring.select import select, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.units.masks import Masks
 from secateurs.units.plan import Plan
-from secateurs.units.space import FINE_KINDS, UnitSpace
+from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
 
 log = logging.getLogger(__name__)
 
-ATTN, MLP = "attn_group", "mlp_channel"
-POOL = {ATTN: "attn", MLP: "mlp"}  # regression feature groups (anchor scales, split taus)
-P_MIN = 0.05  # drop probabilities stay in [P_MIN, 1 - P_MIN]
 CHECKPOINT_FORMAT = 2  # 1: pickled state.pt (secateurs <= 0.1.0)
 _RESUMABLE = frozenset({"checkpoint_dir", "resume"})  # may differ between a run and its resumption
+# The regression's seed (its fold split) per round: seed * ROUND_SEED_STRIDE + round. Any stride above the
+# number of rounds gives every (seed, round) its own seed, so seed 0's round 1 and seed 1's round 0 do not
+# share a split; 1009 (a prime, far above any round count) is the value plans have always been made with.
+ROUND_SEED_STRIDE = 1009
+# Slack when the per-round budget is rounded up to whole parameters, as in `target_params`.
+PARAM_SLACK = 1e-6
+_COUNTERS = ("forwards", "tokens", "prior_tokens", "wall_s")  # summed over rounds into plan.info
+# Round figures copied from the regression's summary into plan.info["rounds"].
+_FIT_FIGURES = ("tau", "tau_prior", "tau_groups", "alpha", "taus", "scales", "anchor_fallback")
 
 
 @dataclass
@@ -174,7 +181,7 @@ class BonsaiConfig(MethodConfig):
             self.alphas = tuple(float(a) for a in self.alphas)
         except (TypeError, ValueError):
             raise ConfigError(f"alphas must be numbers, got {self.alphas!r}") from None
-        coarse = [u for u in self.units if u not in {k.value for k in FINE_KINDS}]
+        coarse = [u for u in self.units if u not in FINE_KINDS]
         checks = [
             (not coarse, f"bonsai prunes attention groups and MLP channels only, not {coarse}"),
             (
@@ -208,202 +215,77 @@ class BonsaiConfig(MethodConfig):
                 raise ConfigError(msg)
 
 
-# -- plain tensor steps (tested without a model) ----------------------------------------------------
+class RoundResult(NamedTuple):
+    """One round: its plan (current indices), its figures, and the units to protect from now on as
+    (kind, layer, units) in current indices."""
+
+    plan: Plan
+    info: dict[str, Any]
+    protect: list[tuple[Kind, int, list[int]]]
 
 
 @dataclass
-class Candidates:
-    """One round's regression features: each is a unit, or a bundle of channels of one layer."""
+class _Run:
+    """A run between rounds: what its checkpoint holds (composed plan, figures, counters, generator,
+    protected units in original indices) and the working copy of the model that the plan is applied to."""
 
-    kind: list[str]  # ATTN or MLP
-    layer: list[int]
-    units: list[torch.Tensor]  # unit indices in the layer, in ascending prior order
-    prior: np.ndarray  # per-parameter prior, mean over the feature's units
-    cost: np.ndarray  # parameters
-    weight: np.ndarray  # sampling weight: module max prior - prior
-
-    def __len__(self) -> int:
-        return len(self.kind)
+    orig: UnitSpace
+    target: int  # parameters to remove in all
+    per_round: int  # parameters to remove per round (the last round: what is left)
+    n_rounds: int
+    checkpoint: RunCheckpoint
+    generator: torch.Generator
+    composed: Plan
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    protected: dict[Kind, set[tuple[int, int]]] = field(
+        default_factory=lambda: {k: set() for k in FINE_KINDS}
+    )
+    counters: dict[str, float] = field(
+        default_factory=lambda: {"forwards": 0, "tokens": 0, "prior_tokens": 0, "wall_s": 0.0}
+    )
+    work: nn.Module | None = None
+    cur: UnitSpace | None = None
 
     @property
-    def pools(self) -> np.ndarray:
-        return np.array([POOL[k] for k in self.kind])
+    def total(self) -> int:
+        return self.orig.total_cost
 
-    def anchor_prior(self) -> np.ndarray:
-        """Prior on the loss scale up to one factor per kind: per-parameter prior x parameters."""
-        return self.prior * self.cost
+    @property
+    def removed(self) -> int:
+        """Parameters the rounds so far have removed."""
+        return self.total - self.cur.total_cost
 
-    def count(self, kind: str) -> int:
-        return sum(len(u) for k, u in zip(self.kind, self.units, strict=True) if k == kind)
+    def state(self) -> dict[str, Any]:
+        """What the checkpoint saves after every round."""
+        return {
+            "plan": self.composed.to_dict(),
+            "rounds": self.rounds,
+            "counters": self.counters,
+            "generator": self.generator.get_state(),
+            "protected": {k: sorted(v) for k, v in self.protected.items()},
+        }
 
+    def restore(self, state: dict[str, Any]) -> None:
+        self.composed = Plan.from_dict(state["plan"])
+        self.rounds, self.counters = list(state["rounds"]), dict(state["counters"])
+        self.protected = {Kind(k): {tuple(x) for x in v} for k, v in state["protected"].items()}
+        self.generator.set_state(state["generator"])
 
-def round_candidates(
-    space: UnitSpace,
-    prior: UnitScores,
-    budget: float,
-    kinds: tuple[str, ...],
-    candidate_ratio: float = 2.0,
-    channel_bundle: int = 0,
-    protected: dict[str, list[torch.Tensor]] | None = None,
-) -> Candidates:
-    """The units that may go this round, as regression features (see the module docstring).
-
-    The candidate fraction is `candidate_ratio * budget / (prunable parameters left)`, at most 1;
-    attention groups are pooled across layers, MLP channels are taken per layer and bundled.
-    `protected[kind][layer]` (bool per unit) marks units that are never candidates.
-    """
-
-    def free(k, li, n):
-        if protected is None or k not in protected:
-            return torch.ones(n, dtype=torch.bool)
-        return ~protected[k][li]
-
-    available = sum(
-        sum(c * n for c, n in zip(space.unit_costs(k), space.n_units(k), strict=True)) for k in kinds
-    )
-    frac = min(1.0, candidate_ratio * budget / max(available, 1))
-    kind, layer, units, pri, cost, weight = [], [], [], [], [], []
-    shift = {k: min(0.0, min((float(t.min()) for t in prior[k] if t.numel()), default=0.0)) for k in kinds}
-
-    def add(k, li, idx, s, rank, rank_max):
-        kind.append(k)
-        layer.append(li)
-        units.append(idx)
-        pri.append(float(s[idx].mean()) - shift[k])
-        cost.append(len(idx) * space.unit_costs(k)[li])
-        weight.append(max(rank_max - float(rank[idx].mean()), 0.0))
-
-    if ATTN in kinds:
-        # Pooled across layers, ranked by prior relative to the layer's mean: the reference's per-module
-        # rule, pooled. Raw scores would put every candidate in the early layers, where activations
-        # (and so Wanda-sp scores) are small, up to all groups of a layer at once.
-        counts = space.n_units(ATTN)
-        flat = [(li, g) for li, n in enumerate(counts) for g in range(n)]
-        if flat:
-            rel = [_relative(prior[ATTN][li].double() - shift[ATTN]) for li in range(len(counts))]
-            r_all = torch.cat([rel[li] for li, n in enumerate(counts) if n])
-            ok = torch.cat([free(ATTN, li, n) for li, n in enumerate(counts) if n])
-            m = min(int(ok.sum()), math.ceil(frac * len(flat) - 1e-9))
-            order = torch.argsort(torch.where(ok, r_all, math.inf), stable=True)[:m]
-            top = float(r_all.max())
-            for i in order.tolist():
-                li, g = flat[i]
-                add(ATTN, li, torch.tensor([g]), prior[ATTN][li].double(), rel[li], top)
-    if MLP in kinds:
-        for li, n in enumerate(space.n_units(MLP)):
-            if not n:
-                continue
-            s = prior[MLP][li].double()
-            ok = free(MLP, li, n)
-            m = min(int(ok.sum()), math.ceil(frac * n - 1e-9))
-            if not m:
-                continue
-            order = torch.argsort(torch.where(ok, s, math.inf), stable=True)[:m]
-            top = float(s.max())
-            for chunk in space.layers[li].channel_bundles(order, channel_bundle):
-                add(MLP, li, chunk, s, s, top)
-    return Candidates(kind, layer, units, np.array(pri), np.array(cost, dtype=np.float64), np.array(weight))
-
-
-def _relative(s: torch.Tensor) -> torch.Tensor:
-    """Scores over the layer's mean (1 = average unit of its module)."""
-    mean = float(s.mean()) if s.numel() else 0.0
-    return s / mean if mean > 0 else torch.ones_like(s)
-
-
-def drop_probabilities(cands: Candidates, rates: dict[str, float]) -> torch.Tensor:
-    """Per feature: proportional to (max_prior - prior) within its kind, mean `rates[kind]`, clipped."""
-    p = torch.zeros(len(cands), dtype=torch.float64)
-    kinds = np.array(cands.kind)
-    for k, rate in rates.items():
-        idx = np.flatnonzero(kinds == k)
-        if not len(idx):
-            continue
-        w = torch.tensor(cands.weight[idx], dtype=torch.float64)
-        w = torch.ones_like(w) if float(w.sum()) <= 0 else w + 1e-3 * w.mean()
-        p[torch.from_numpy(idx)] = (rate * len(idx) * w / w.sum()).clamp(P_MIN, 1 - P_MIN)
-    return p
-
-
-def antithetic_keep(p_drop: torch.Tensor, n_masks: int, generator: torch.Generator) -> torch.Tensor:
-    """[n_masks, F] keep indicators (1.0 = kept): rows 2i and 2i+1 are complements."""
-    dropped = torch.rand(n_masks // 2, len(p_drop), generator=generator, dtype=torch.float64) < p_drop
-    keep = torch.empty(n_masks, len(p_drop))
-    keep[0::2] = (~dropped).float()
-    keep[1::2] = dropped.float()
-    return keep
-
-
-def feature_masks(space: UnitSpace, cands: Candidates, keep: torch.Tensor) -> Masks:
-    """Unit masks for the sub-models: candidates follow `keep`, every other unit is kept."""
-    m = Masks.ones(space, keep.shape[0])
-    for f, (k, li, idx) in enumerate(zip(cands.kind, cands.layer, cands.units, strict=True)):
-        target = m.groups if k == ATTN else m.channels
-        target[li][:, idx] = keep[:, f : f + 1]
-    return m
-
-
-def unit_scores(space: UnitSpace, cands: Candidates, coef: np.ndarray, kinds: tuple[str, ...]) -> UnitScores:
-    """Per-parameter coefficients for candidates, +inf (never dropped) for every other unit.
-
-    A bundle's channels share its coefficient; a tiny offset keeps their prior order, so when the budget
-    ends inside a bundle its lowest-prior channels go first.
-    """
-    out = {k: [torch.full((n,), math.inf, dtype=torch.float64) for n in space.n_units(k)] for k in kinds}
-    per_param = np.asarray(coef, dtype=np.float64) / cands.cost
-    span = float(np.abs(per_param).max()) if len(per_param) else 0.0
-    span = span if span > 0 else 1.0
-    for f, (k, li, idx) in enumerate(zip(cands.kind, cands.layer, cands.units, strict=True)):
-        ramp = torch.arange(len(idx), dtype=torch.float64) / max(len(idx), 1)
-        out[k][li][idx] = per_param[f] + 1e-4 * span * ramp
-    return UnitScores(out)
-
-
-def dropped_fractions(space: UnitSpace, cands: Candidates, plan: Plan) -> np.ndarray:
-    """Per feature: the fraction of its units that `plan` drops."""
-    canon = plan.canonical(space)
-    out = np.zeros(len(cands))
-    for f, (k, li, idx) in enumerate(zip(cands.kind, cands.layer, cands.units, strict=True)):
-        lp, lu = canon.layers[li], space.layers[li]
-        kept = set(lp.groups(lu.n_groups) if k == ATTN else lp.channels(lu.n_channels))
-        out[f] = sum(int(u) not in kept for u in idx.tolist()) / max(len(idx), 1)
-    return out
-
-
-def to_protect(coef: np.ndarray, dropped: np.ndarray, loss_spread: float) -> np.ndarray:
-    """Features too costly to ever drop: each alone is estimated to cost more loss than the whole round's
-    pruning (`sum coef x dropped fraction`) and more than the spread of the sub-model losses.
-
-    Such a unit (SmolLM2 has an attention group in layer 1 worth ~2.8 nats) would otherwise be a candidate
-    again every round, since the prior that made it one is recomputed, and break half the sub-models.
-    """
-    coef = np.asarray(coef, dtype=np.float64)
-    predicted = float((coef * dropped).sum())
-    threshold = max(predicted, float(loss_spread), 0.0)
-    return np.flatnonzero((coef > threshold) & (dropped == 0))
-
-
-def _lineage(composed: Plan, orig: UnitSpace) -> list[tuple[int, list[int], list[int]]]:
-    """For each layer of the current (pruned) model: its original layer, groups and channels."""
-    canon = composed.canonical(orig)
-    return [
-        (i, lp.groups(lu.n_groups), lp.channels(lu.n_channels))
-        for i, (lp, lu) in enumerate(zip(canon.layers, orig.layers, strict=True))
-        if not lp.drops_layer
-    ]
-
-
-def _protected_now(protected: dict[str, set], lineage, space: UnitSpace) -> dict[str, list[torch.Tensor]]:
-    out = {}
-    for k, pos in ((ATTN, 1), (MLP, 2)):
-        rows = []
-        for j, n in enumerate(space.n_units(k)):
-            orig_layer, orig_units = lineage[j][0], lineage[j][pos]
-            rows.append(
-                torch.tensor([(orig_layer, u) in protected[k] for u in orig_units[:n]], dtype=torch.bool)
-            )
-        out[k] = rows
-    return out
+    def record(self, result: RoundResult, lineage: list[Lineage]) -> None:
+        """Take in a finished round: indices to the original model, slice the working copy, compose."""
+        info = result.info
+        info["attn_candidates"] = [
+            [lineage[li].layer, lineage[li].groups[g]] for li, g in info["attn_candidates"]
+        ]
+        for k, li, idx in result.protect:
+            orig_units = lineage[li].units(k)
+            self.protected[k].update((lineage[li].layer, orig_units[u]) for u in idx)
+        apply_plan_(self.work, result.plan)
+        self.composed = self.composed.then(result.plan, self.orig)
+        self.cur = UnitSpace.from_model(self.work)
+        self.rounds.append(info)
+        for k in _COUNTERS:
+            self.counters[k] += info[k]
 
 
 def _removed(space: UnitSpace, plan: Plan) -> int:
@@ -426,17 +308,63 @@ class Bonsai(Method):
 
     config: BonsaiConfig
 
-    # Hooks, overridable in tests: the evaluator factory and a callback after every saved round.
-    def make_evaluator(self, model: nn.Module, windows: torch.Tensor, space: UnitSpace):
-        return SubmodelEvaluator(model, windows, max_rows=self.config.batch_rows, space=space)
-
     def on_round_end(self, round_index: int, plan: Plan) -> None:
-        """Called after round `round_index` (0-based) is applied and checkpointed."""
+        """Called after round `round_index` (0-based) is applied and checkpointed (tests interrupt here)."""
 
-    # -- pieces of a round -------------------------------------------------------------------------
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        """The fine kinds this run prunes, in `FINE_KINDS` order (the order of the regression features)."""
+        return tuple(k for k in FINE_KINDS if k in self.config.units)
+
+    # -- one round ---------------------------------------------------------------------------------
+    def run_round(
+        self,
+        model: nn.Module,
+        space: UnitSpace,
+        calib: torch.Tensor,
+        budget: int,
+        generator: torch.Generator,
+        round_index: int,
+        n_rounds: int,
+        protected: dict[Kind, list[torch.Tensor]] | None = None,
+    ) -> RoundResult:
+        """One round on the current (already sliced) model; `protected` as bool masks in current indices."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        windows, prior_windows = self._draw_windows(calib, generator)
+        prior = self.prior_scores(model, space, prior_windows, round_index)
+        cands = round_candidates(
+            space, prior, budget, self.kinds, cfg.candidate_ratio, cfg.channel_bundle, protected
+        )
+        keep, masks = self._perturb(space, cands, generator)
+        evaluator = self.evaluator(model, windows, space)
+        losses, work = self._score_submodels(evaluator, masks, windows.shape[0], round_index, n_rounds)
+        sub = losses[1:].double().numpy()  # row 0 is the current model
+        fit = self._fit(cands, keep, sub, round_index)
+        scores = unit_scores(space, cands, fit.coef, self.kinds)
+        plan = select(scores, space, cfg.sparsity, "global", self.kinds, target=budget)
+        protect = self._newly_protected(space, cands, fit, plan, sub)
+        info = self._round_info(
+            round_index, budget, space, plan, cands, windows, losses, fit, work, protect, prior_windows
+        )
+        info["wall_s"] = round(time.perf_counter() - t0, 2)
+        self._log_round(info, round_index, n_rounds)
+        return RoundResult(plan, info, protect)
+
+    def _draw_windows(
+        self, calib: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This round's evaluation and prior windows: prefixes of one permutation (0 in the config: all)."""
+        cfg = self.config
+        n = calib.shape[0]
+        perm = torch.randperm(n, generator=generator)
+        n_eval, n_prior = cfg.eval_windows or n, cfg.prior_windows or n
+        return calib[perm[: min(n_eval, n)]], calib[perm[: min(n_prior, n)]]
+
     def prior_scores(
         self, model: nn.Module, space: UnitSpace, windows: torch.Tensor, round_index: int
     ) -> UnitScores:
+        """The prior method's per-unit scores on the current model (its seed moves with the round)."""
         cfg = self.config
         cls = get_method(cfg.prior)
         if not issubclass(cls, MetricMethod):
@@ -447,88 +375,88 @@ class Bonsai(Method):
         with torch.inference_mode():
             return cls(prior_cfg).scores(model, space, windows)
 
-    def run_round(
-        self,
-        model: nn.Module,
-        space: UnitSpace,
-        calib: torch.Tensor,
-        budget: int,
-        generator: torch.Generator,
-        round_index: int,
-        n_rounds: int,
-        protected: dict[str, list[torch.Tensor]] | None = None,
-    ) -> tuple[Plan, dict[str, Any], list[tuple[str, int, list[int]]]]:
-        """One round on the current (already sliced) model.
-
-        Returns the round's plan (current indices), its figures, and the units to protect from now on as
-        (kind, layer, units) in current indices.
-        """
+    def _perturb(
+        self, space: UnitSpace, cands: Candidates, generator: torch.Generator
+    ) -> tuple[torch.Tensor, Masks]:
+        """Antithetic keep indicators over the features [masks, F], and the unit masks to score: row 0 is
+        the current model, then the sub-models."""
         cfg = self.config
-        t0 = time.perf_counter()
-        kinds = tuple(k for k in (ATTN, MLP) if k in cfg.units)
-        perm = torch.randperm(calib.shape[0], generator=generator)
-        n_eval = cfg.eval_windows or calib.shape[0]
-        n_prior = cfg.prior_windows or calib.shape[0]
-        windows = calib[perm[: min(n_eval, calib.shape[0])]]
-        prior_windows = calib[perm[: min(n_prior, calib.shape[0])]]
-        prior = self.prior_scores(model, space, prior_windows, round_index)
-        cands = round_candidates(
-            space, prior, budget, kinds, cfg.candidate_ratio, cfg.channel_bundle, protected
-        )
-        p_drop = drop_probabilities(cands, {ATTN: cfg.attn_drop_rate, MLP: cfg.mlp_drop_rate})
-        keep = antithetic_keep(p_drop, cfg.masks_per_round, generator)
-        masks = Masks.stack([Masks.ones(space, 1), feature_masks(space, cands, keep)])  # row 0: current model
+        rates = {Kind.ATTN_GROUP: cfg.attn_drop_rate, Kind.MLP_CHANNEL: cfg.mlp_drop_rate}
+        keep = antithetic_keep(drop_probabilities(cands, rates), cfg.masks_per_round, generator)
+        return keep, Masks.stack([Masks.ones(space, 1), feature_masks(space, cands, keep)])
 
-        evaluator = self.make_evaluator(model, windows, space)
+    def _score_submodels(
+        self, evaluator: Any, masks: Masks, n_windows: int, round_index: int, n_rounds: int
+    ) -> tuple[torch.Tensor, dict[str, int]]:
+        """Loss per mask row, and the forwards and tokens it took."""
         before = (evaluator.stats.forwards, evaluator.stats.tokens)
         losses = torch.empty(masks.batch)
-        step = _lcm_chunk(windows.shape[0], cfg.batch_rows)
+        step = _lcm_chunk(n_windows, self.config.batch_rows)
         with tqdm(total=masks.batch, desc=f"bonsai round {round_index + 1}/{n_rounds}", unit="mask") as bar:
             for s in range(0, masks.batch, step):
                 e = min(s + step, masks.batch)
                 losses[s:e] = evaluator.losses(masks.rows(s, e)).detach().float().cpu()
                 bar.update(e - s)
-        sub = losses[1:].double().numpy()
-        pairs = np.repeat(np.arange(cfg.masks_per_round // 2), 2)
-        fit = fit_importance(
+        work = {
+            "forwards": evaluator.stats.forwards - before[0],
+            "tokens": evaluator.stats.tokens - before[1],
+        }
+        return losses, work
+
+    def _fit(self, cands: Candidates, keep: torch.Tensor, sub: np.ndarray, round_index: int) -> RegressionFit:
+        """The regression from the sub-models' keep indicators to their losses (antithetic pairs as rows
+        2i, 2i+1)."""
+        cfg = self.config
+        return fit_importance(
             keep.double().numpy(),
             sub,
             prior=cands.anchor_prior(),
             groups=cands.pools,
-            pairs=pairs,
+            pairs=np.repeat(np.arange(cfg.masks_per_round // 2), 2),
             penalty=cfg.penalty,
             alphas=cfg.alphas,
             folds=cfg.cv_folds,
             cap=cfg.loss_cap,
-            seed=cfg.seed * 1009 + round_index,
+            seed=cfg.seed * ROUND_SEED_STRIDE + round_index,
             anchor=cfg.anchor,
         )
-        scores = unit_scores(space, cands, fit.coef, kinds)
-        plan = select(scores, space, cfg.sparsity, "global", kinds, target=budget)
-        canon = plan.canonical(space)
-        new_protected = []
-        if cfg.protect:
-            spread = 1.4826 * float(np.median(np.abs(sub - np.median(sub))))
-            for f in to_protect(fit.coef, dropped_fractions(space, cands, plan), spread).tolist():
-                new_protected.append((cands.kind[f], cands.layer[f], cands.units[f].tolist()))
-        dropped = {
-            k: sum(
-                (lu.n_groups - len(lp.groups(lu.n_groups)))
-                if k == ATTN
-                else (lu.n_channels - len(lp.channels(lu.n_channels)))
-                for lp, lu in zip(canon.layers, space.layers, strict=True)
-            )
-            for k in kinds
-        }
+
+    def _newly_protected(
+        self, space: UnitSpace, cands: Candidates, fit: RegressionFit, plan: Plan, sub: np.ndarray
+    ) -> list[tuple[Kind, int, list[int]]]:
+        """Features to keep out of every later round, as (kind, layer, units) in current indices."""
+        if not self.config.protect:
+            return []
+        spread = robust_sd(sub)
+        features = to_protect(fit.coef, dropped_fractions(space, cands, plan), spread).tolist()
+        return [(cands.kind[f], cands.layer[f], cands.units[f].tolist()) for f in features]
+
+    def _round_info(
+        self,
+        round_index: int,
+        budget: int,
+        space: UnitSpace,
+        plan: Plan,
+        cands: Candidates,
+        windows: torch.Tensor,
+        losses: torch.Tensor,
+        fit: RegressionFit,
+        work: dict[str, int],
+        protect: list[tuple[Kind, int, list[int]]],
+        prior_windows: torch.Tensor,
+    ) -> dict[str, Any]:
+        """The round's figures for `plan.info["rounds"]` (JSON-friendly; `wall_s` is added by the caller)."""
+        kinds = self.kinds
+        sub = losses[1:].double().numpy()
         summ = fit.summary()
-        info = {
+        return {
             "round": round_index + 1,
             "budget": int(budget),
             "removed": _removed(space, plan),
             "candidates": {k: cands.count(k) for k in kinds},
-            "features": {POOL[k]: int((np.array(cands.kind) == k).sum()) for k in kinds},
-            "dropped": dropped,
-            "masks": cfg.masks_per_round,
+            "features": {POOL[k]: cands.n_features(k) for k in kinds},
+            "dropped": dropped_counts(space, plan, kinds),
+            "masks": self.config.masks_per_round,
             "windows": int(windows.shape[0]),
             "loss_current": round(float(losses[0]), 5),
             "losses": {
@@ -537,147 +465,136 @@ class Bonsai(Method):
                 "max": round(float(sub.max()), 5),
                 "std": round(float(sub.std()), 5),
             },
-            **{
-                k: summ[k]
-                for k in ("tau", "tau_prior", "tau_groups", "alpha", "taus", "scales", "anchor_fallback")
-            },
-            "forwards": evaluator.stats.forwards - before[0],
-            "tokens": evaluator.stats.tokens - before[1],
+            **{k: summ[k] for k in _FIT_FIGURES},
+            **work,
             "attn_candidates": [  # (layer, group) in this round's model; plan() maps them to the original
-                [li, int(idx[0])]
-                for k, li, idx in zip(cands.kind, cands.layer, cands.units, strict=True)
-                if k == ATTN
+                [li, int(idx[0])] for _, k, li, idx in cands.features() if k == Kind.ATTN_GROUP
             ],
-            "protected": [[k, li, len(u)] for k, li, u in new_protected],  # kind, layer (current), units
+            "protected": [[k, li, len(u)] for k, li, u in protect],  # kind, layer (current), units
             "prior_tokens": int(prior_windows.numel()),
-            "wall_s": round(time.perf_counter() - t0, 2),
         }
-        g = summ["tau_groups"]
+
+    @staticmethod
+    def _log_round(info: dict[str, Any], round_index: int, n_rounds: int) -> None:
+        g = info["tau_groups"]
         log.info(
             "bonsai round %d/%d: held-out Kendall tau %s (attention %s, MLP %s; prior alone %s), alpha %s; "
             "loss %.4f, sub-models %.4f..%.4f; dropped %s; %.1fs",
             round_index + 1,
             n_rounds,
-            summ["tau"],
+            info["tau"],
             g.get("attn"),
             g.get("mlp"),
-            summ["tau_prior"],
-            summ["alpha"],
+            info["tau_prior"],
+            info["alpha"],
             info["loss_current"],
             info["losses"]["min"],
             info["losses"]["max"],
-            dropped,
+            info["dropped"],
             info["wall_s"],
         )
-        if new_protected:
+        if info["protected"]:
             log.info("bonsai: never candidates again (kind, layer, units): %s", info["protected"])
-        return plan, info, new_protected
 
     # -- the loop ----------------------------------------------------------------------------------
     def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
-        cfg = self.config
         t_start = time.perf_counter()
-        orig_space = UnitSpace.from_model(model)
-        if space is not None and space.total_cost != orig_space.total_cost:
+        run = self._start(model, space, calib)
+        self._log_budget(run, calib)
+        while run.removed < run.target:
+            self._next_round(run, calib)
+        return self._finish(run, t_start)
+
+    def _start(self, model: nn.Module, space: UnitSpace | None, calib: torch.Tensor) -> _Run:
+        """Budgets, checkpoint (resumed when asked) and the working copy of the model, before any round."""
+        cfg = self.config
+        orig = UnitSpace.from_model(model)
+        if space is not None and space.total_cost != orig.total_cost:
             raise ConfigError("the unit space given does not describe this model")
         get_method(cfg.prior)  # fail before any work when the prior is unknown
-        total = orig_space.total_cost
-        target = target_params(orig_space, cfg.sparsity)
-        per_round = max(1, math.ceil(cfg.prune_frac * total - 1e-6))
-        n_rounds = math.ceil(target / per_round)
+        target = target_params(orig, cfg.sparsity)
+        per_round = max(1, math.ceil(cfg.prune_frac * orig.total_cost - PARAM_SLACK))
         checkpoint = RunCheckpoint(
             cfg.checkpoint_dir, self.name, CHECKPOINT_FORMAT, cfg.to_dict(), run_fingerprint(model, calib),
             _RESUMABLE,
         )  # fmt: skip
-
-        generator = torch.Generator().manual_seed(cfg.seed)
-        composed = Plan.keep_all(orig_space)
-        rounds: list[dict[str, Any]] = []
-        protected: dict[str, set[tuple[int, int]]] = {ATTN: set(), MLP: set()}  # original indices
-        counters = {"forwards": 0, "tokens": 0, "prior_tokens": 0, "wall_s": 0.0}
-        saved = checkpoint.start(cfg.resume)
+        run = _Run(
+            orig=orig,
+            target=target,
+            per_round=per_round,
+            n_rounds=math.ceil(target / per_round),
+            checkpoint=checkpoint,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            composed=Plan.keep_all(orig),
+        )
+        saved = checkpoint.start(cfg.resume)  # None unless resuming; a missing or foreign one raises
         if saved is not None:
-            state = saved["state"]
-            composed = Plan.from_dict(state["plan"])
-            rounds, counters = list(state["rounds"]), dict(state["counters"])
-            protected = {k: {tuple(x) for x in v} for k, v in state["protected"].items()}
-            generator.set_state(state["generator"])
-            log.info("bonsai: resuming after round %d from %s", len(rounds), cfg.checkpoint_dir)
-        elif cfg.resume:
-            log.info("bonsai: no checkpoint in %s yet; starting from the beginning", cfg.checkpoint_dir)
+            run.restore(saved["state"])
+            log.info("bonsai: resuming after round %d from %s", len(run.rounds), cfg.checkpoint_dir)
+        run.work = copy.deepcopy(model)
+        if run.rounds:
+            apply_plan_(run.work, run.composed)
+        run.cur = UnitSpace.from_model(run.work)
+        return run
 
-        work = copy.deepcopy(model)
-        if rounds:
-            apply_plan_(work, composed)
-        cur = UnitSpace.from_model(work)
-        tokens_each = (cfg.masks_per_round + 1) * min(cfg.eval_windows or calib.shape[0], calib.shape[0])
+    def _log_budget(self, run: _Run, calib: torch.Tensor) -> None:
+        cfg = self.config
+        n = calib.shape[0]
+        n_eval, n_prior = min(cfg.eval_windows or n, n), min(cfg.prior_windows or n, n)
+        tokens = run.n_rounds * ((cfg.masks_per_round + 1) * n_eval + n_prior) * calib.shape[1]
         log.info(
             "bonsai: %.1f%% of %d prunable params in %d rounds of %d; per round %d sub-models x %d windows x %d "
             "tokens (+ prior over %d windows): about %.2fM tokens in all",
             100 * cfg.sparsity,
-            total,
-            n_rounds,
-            per_round,
+            run.total,
+            run.n_rounds,
+            run.per_round,
             cfg.masks_per_round + 1,
-            min(cfg.eval_windows or calib.shape[0], calib.shape[0]),
+            n_eval,
             calib.shape[1],
-            min(cfg.prior_windows or calib.shape[0], calib.shape[0]),
-            n_rounds
-            * (tokens_each + min(cfg.prior_windows or calib.shape[0], calib.shape[0]))
-            * calib.shape[1]
-            / 1e6,
+            n_prior,
+            tokens / 1e6,
         )
-        while (removed := total - cur.total_cost) < target:
-            r = len(rounds)
-            budget = min(per_round, target - removed)
-            lineage = _lineage(composed, orig_space)
-            round_plan, info, new_protected = self.run_round(
-                work,
-                cur,
-                calib,
-                budget,
-                generator,
-                r,
-                max(n_rounds, r + 1),
-                _protected_now(protected, lineage, cur),
-            )
-            info["attn_candidates"] = [
-                [lineage[li][0], lineage[li][1][g]] for li, g in info["attn_candidates"]
-            ]
-            for k, li, idx in new_protected:
-                orig_layer, orig_units = lineage[li][0], lineage[li][1 if k == ATTN else 2]
-                protected[k].update((orig_layer, orig_units[u]) for u in idx)
-            apply_plan_(work, round_plan)
-            composed = composed.then(round_plan, orig_space)
-            cur = UnitSpace.from_model(work)
-            rounds.append(info)
-            for k in ("forwards", "tokens", "prior_tokens", "wall_s"):
-                counters[k] += info[k]
-            checkpoint.save(
-                {
-                    "plan": composed.to_dict(),
-                    "rounds": rounds,
-                    "counters": counters,
-                    "generator": generator.get_state(),
-                    "protected": {k: sorted(v) for k, v in protected.items()},
-                }
-            )
-            self.on_round_end(r, composed)
 
-        removed = _removed(orig_space, composed)
+    def _next_round(self, run: _Run, calib: torch.Tensor) -> None:
+        """One round on the working copy, recorded, checkpointed."""
+        r = len(run.rounds)
+        lineage = layer_lineage(run.composed, run.orig)
+        result = self.run_round(
+            run.work,
+            run.cur,
+            calib,
+            min(run.per_round, run.target - run.removed),
+            run.generator,
+            r,
+            max(run.n_rounds, r + 1),
+            protected_in_current(run.protected, lineage, run.cur),
+        )
+        run.record(result, lineage)
+        run.checkpoint.save(run.state())
+        self.on_round_end(r, run.composed)
+
+    def _finish(self, run: _Run, t_start: float) -> Plan:
+        """The composed plan with the run's record (settings, figures per round, totals)."""
+        cfg = self.config
+        composed, counters, total = run.composed, run.counters, run.total
+        removed = _removed(run.orig, composed)
         composed.method, composed.settings, composed.seed = self.name, cfg.to_dict(), cfg.seed
         composed.info = {
-            "target_params": target,
+            "target_params": run.target,
             "removed_params": removed,
             "removed_fraction": removed / total,
-            "rounds": rounds,
-            "n_rounds": len(rounds),
+            "rounds": run.rounds,
+            "n_rounds": len(run.rounds),
             "forwards": counters["forwards"],
             "tokens": counters["tokens"],
             "prior_tokens": counters["prior_tokens"],
             "rounds_wall_s": round(counters["wall_s"], 2),
             "wall_s": round(time.perf_counter() - t_start, 2),  # this call (a resumed run: since resuming)
-            "protected": {ATTN: sorted(protected[ATTN]), MLP: len(protected[MLP])},  # original indices
+            "protected": {  # original indices
+                Kind.ATTN_GROUP: sorted(run.protected[Kind.ATTN_GROUP]),
+                Kind.MLP_CHANNEL: len(run.protected[Kind.MLP_CHANNEL]),
+            },
             "penalty": cfg.penalty,
             "default_alphas": list(DEFAULT_ALPHAS[cfg.penalty]) if not cfg.alphas else None,
         }
@@ -686,8 +603,8 @@ class Bonsai(Method):
             removed,
             total,
             100 * removed / total,
-            target,
-            len(rounds),
+            run.target,
+            len(run.rounds),
             counters["forwards"],
             counters["tokens"] + counters["prior_tokens"],
         )
