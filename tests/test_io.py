@@ -31,6 +31,24 @@ def test_files_and_directories_get_the_users_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "d" / "x").stat().st_mode) == 0o644
 
 
+def test_saved_model_files_are_readable_by_others(tmp_path):
+    """transformers writes model.safetensors through a 0600 temp file; outputs follow the umask."""
+    import secateurs
+    from secateurs.testing import random_plan, tiny_model
+    from secateurs.units.space import UnitSpace
+
+    model = tiny_model("llama")
+    plan = random_plan(UnitSpace.from_model(model))
+    secateurs.apply_plan_(model, plan)
+    old = os.umask(0o022)
+    try:
+        secateurs.save(model, tmp_path / "p", plan)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "p").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
 def test_stale_temp_dirs_of_dead_processes_are_removed_live_ones_kept(tmp_path):
     out = tmp_path / "out"
     stale = tmp_path / f".out.tmp-{_dead_pid()}-deadbeef"

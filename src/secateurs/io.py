@@ -117,10 +117,18 @@ def atomic_dir(out: str | Path, overwrite: bool = False, exist_ok: bool = False)
     tmp.mkdir(mode=user_mode(directory=True))
     try:
         yield tmp
+        _user_modes_(tmp)
         _replace_dir(tmp, out, exist_ok)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _user_modes_(root: Path) -> None:
+    """Give everything under `root` the user's umask modes: libraries that write through `tempfile`
+    (transformers' safetensors writer among them) leave 0600 files that other users cannot read."""
+    for p in root.rglob("*"):
+        os.chmod(p, user_mode(directory=p.is_dir()))
 
 
 def _replace_dir(tmp: Path, out: Path, exist_ok: bool) -> None:
