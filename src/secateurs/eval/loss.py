@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from secateurs.errors import LossError
+from secateurs.progress import progress as progress_bar
 from secateurs.units.masks import Masks, masked
 from secateurs.units.space import UnitSpace
 
@@ -80,7 +80,7 @@ class SubmodelEvaluator:
         rows = masks.repeat_interleave(n) if masks is not None else None
         total = torch.empty(k * n, dtype=torch.float32)
         starts = range(0, k * n, self.max_rows)
-        for s in tqdm(starts, desc=progress, unit="fwd", leave=False, disable=progress is None):
+        for s in starts if progress is None else progress_bar(starts, desc=progress, unit="fwd", leave=False):
             e = min(s + self.max_rows, k * n)
             ids = self.windows[torch.arange(s, e) % n]
             if rows is None:

@@ -19,10 +19,10 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from secateurs.eval.loss import token_nll
 from secateurs.methods.base import MetricMethod, UnitScores, register
+from secateurs.progress import progress
 from secateurs.scoring.stats import with_block_scores
 from secateurs.scoring.weights import group_rows
 from secateurs.units.space import UnitSpace
@@ -61,7 +61,7 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter], calib: to
             p.grad = None
         with torch.enable_grad():
             step = max(1, batch_rows)
-            for s in tqdm(range(0, n, step), desc="taylor gradients", unit="batch", leave=False):
+            for s in progress(range(0, n, step), desc="taylor gradients", unit="batch", leave=False):
                 ids = calib[s : s + step].to(device)
                 loss = token_nll(model, ids).sum() / (n * (t - 1))  # this batch's share of the mean
                 loss.backward()

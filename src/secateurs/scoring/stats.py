@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from secateurs.progress import progress
 from secateurs.scoring.weights import group_reduce
 from secateurs.units.space import COARSE_KINDS, Kind, UnitSpace
 
@@ -228,7 +228,7 @@ def collect_stats(
         input_moments(mlp_mods) as mlp_stats,
         _maybe(influence, lambda: block_influence_hooks(model, space)) as infl,
     ):
-        for s in tqdm(range(0, n, step), desc="calibration statistics", unit="batch", leave=False):
+        for s in progress(range(0, n, step), desc="calibration statistics", unit="batch", leave=False):
             model.get_decoder()(input_ids=calib[s : s + step].to(device), use_cache=False)
     result = ActivationStats(
         attn=[attn_stats.get(i) for i in range(space.n_layers)],

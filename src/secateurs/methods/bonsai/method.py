@@ -58,7 +58,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError
@@ -86,6 +85,7 @@ from secateurs.methods.bonsai.regression import (
     fit_importance,
     robust_sd,
 )
+from secateurs.progress import progress
 from secateurs.scoring.select import select, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.units.masks import Masks
@@ -392,7 +392,9 @@ class Bonsai(Method):
         before = (evaluator.stats.forwards, evaluator.stats.tokens)
         losses = torch.empty(masks.batch)
         step = _lcm_chunk(n_windows, self.config.batch_rows)
-        with tqdm(total=masks.batch, desc=f"bonsai round {round_index + 1}/{n_rounds}", unit="mask") as bar:
+        with progress(
+            total=masks.batch, desc=f"bonsai round {round_index + 1}/{n_rounds}", unit="mask"
+        ) as bar:
             for s in range(0, masks.batch, step):
                 e = min(s + step, masks.batch)
                 losses[s:e] = evaluator.losses(masks.rows(s, e)).detach().float().cpu()

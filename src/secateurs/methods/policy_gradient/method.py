@@ -74,6 +74,7 @@ from secateurs.methods.policy_gradient.estimator import (
     score_gradient,
     zscore_sigmoid,
 )
+from secateurs.progress import progress
 from secateurs.scoring.select import select, target_params
 from secateurs.units.masks import Masks
 from secateurs.units.plan import LayerPlan, Plan
@@ -503,9 +504,7 @@ class PolicyGradient(Method):
         gen = torch.Generator()
         gen.set_state(state.generator)
         saved = state.step  # the step the last good checkpoint holds
-        with tqdm(
-            total=cfg.steps, initial=state.step, desc="policy-gradient", unit="step", disable=None
-        ) as bar:
+        with progress(total=cfg.steps, initial=state.step, desc="policy-gradient", unit="step") as bar:
             while state.step < end:
                 batch = windows[_step_rows(order, state.step, cfg.windows_per_step)]
                 samples = _sample_masks(state.s, cfg.samples, gen)
