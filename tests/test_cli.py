@@ -143,6 +143,10 @@ def test_setting_of_another_method_is_refused(tiny_dir, tmp_path, capsys):
     )
     opt = "--" + sorted(own)[0].replace("_", "-")
     assert _prune(model, text, tmp_path / "out", "--method", "random", opt, "1") in (2,)
+    _assert_one_line_error(capsys, f"method 'random' has no setting(s) {opt}")
+    # also when the option belongs to a method whose settings the parser does not show
+    assert _prune(model, text, tmp_path / "out", "--method", "bonsai", "--estimator", "exact") == 2
+    _assert_one_line_error(capsys, "method 'bonsai' has no setting(s) --estimator")
 
 
 def test_compare_runs_each_method_in_its_own_process_and_caches(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -248,3 +252,116 @@ def test_every_registered_method_prunes_through_the_cli(tiny_dir, tmp_path, meth
     assert _prune(model, text, tmp_path / "out", "--method", method, "--sparsity", "0.3", "--no-eval") == 0
     record = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert record["method"] == method and record["parameters"]["sparsity"] >= 0.3 - 1e-9
+
+
+# -- help: one group per method, each with its own defaults ---------------------------------------------
+
+
+def _prune_help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", *argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def _option_help(text: str, option: str) -> str:
+    """The help entry of `option`, whitespace collapsed (argparse wraps it to the terminal's width)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().split(" ")[0].rstrip(",") == option:
+            entry = [line]
+            for more in lines[i + 1 :]:  # continuation lines are indented past the option column
+                if not more.startswith("   ") or more.strip().startswith("-"):
+                    break
+                entry.append(more)
+            return " ".join(" ".join(entry).split())
+    raise AssertionError(f"{option} is not in the help:\n{text}")
+
+
+def test_help_shows_the_chosen_methods_own_defaults(capsys):
+    assert "(default: uniform)" in _option_help(_prune_help(capsys, "--method", "wanda-sp"), "--allocation")
+    assert "(default: layer)" in _option_help(_prune_help(capsys, "--method=block-influence"), "--units")
+    # the model may come first, as in `secateurs prune default --method ... --help`
+    assert "(default: uniform)" in _option_help(
+        _prune_help(capsys, "default", "--method", "magnitude"), "--allocation"
+    )
+
+
+def test_help_of_one_method_shows_only_its_own_settings(capsys):
+    text = _prune_help(capsys, "--method", "bonsai")
+    assert "--estimator" not in text and "--steps" not in text  # policy-gradient's
+    assert "--bias-correction" not in text  # flap's
+    for option in ("--prune-frac", "--masks-per-round", "--sparsity", "--allocation", "--nsamples"):
+        _option_help(text, option)
+
+
+def test_plain_help_has_a_group_per_method_with_its_defaults(capsys):
+    text = _prune_help(capsys)
+    for name in REGISTRY:
+        assert f"\n{name} settings:\n" in text
+    magnitude = text.split("\nmagnitude settings:\n")[1].split("\n\n")[0]
+    assert "--allocation uniform" in " ".join(magnitude.split())  # differs from the shared default shown
+
+
+# -- --device: any string, checked by the loader ---------------------------------------------------------
+
+
+def _run(argv: list[str]) -> int:
+    """`main`, with argparse's own exit (usage errors) turned into a status like ours."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("command", ["prune", "eval", "info", "bench", "apply", "compare"])
+def test_device_cuda_n_reaches_the_loader(tiny_dir, tmp_path, capsys, command):
+    model, text = tiny_dir
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"method": "manual", "layers": [{"keep_groups": [0]}] * 4}))
+    tail = {
+        "prune": ["--calib", str(text), "--eval", str(text)],
+        "eval": ["--data", str(text)],
+        "info": [],
+        "bench": [str(model)],
+        "apply": ["--plan", str(plan), "--out", str(tmp_path / "out")],
+        "compare": ["--methods", "magnitude", "--sparsity", "0.3", "--results", str(tmp_path / "res")],
+    }[command]
+    assert _run([command, str(model), *tail, "--device", "cuda:1"]) == 2
+    _assert_one_line_error(capsys, "CUDA is not available")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "res").exists()
+
+
+# -- the dense-evaluation cache is keyed by the weights' content ------------------------------------------
+
+
+def _rewrite_weights(model_dir, scale: float = 1.5) -> None:
+    """New weights in the same files at the same path (as a fine-tune saved over its input would)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in model_dir.glob("*.safetensors"):
+        save_file({k: v * scale for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+
+
+def test_dense_eval_cache_misses_when_the_weights_change_in_place(tiny_dir, tmp_path, monkeypatch, capsys):
+    from secateurs import pipeline
+
+    model, text = tiny_dir
+    calls = []
+    real = pipeline.perplexity
+    monkeypatch.setattr(pipeline, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def prune() -> None:
+        assert _prune(model, text, tmp_path / "out", "--method", "magnitude", "--overwrite") == 0
+
+    prune()
+    assert len(calls) == 2  # dense (then cached) and pruned
+    prune()
+    assert len(calls) == 3  # dense from the cache
+    dense = json.loads((tmp_path / "out" / "plan.json").read_text())["report"]["dense_eval"]["ppl"]
+    _rewrite_weights(model)
+    prune()
+    assert len(calls) == 5  # same path, new weights: the dense figure is computed again
+    again = json.loads((tmp_path / "out" / "plan.json").read_text())["report"]["dense_eval"]["ppl"]
+    assert again != dense

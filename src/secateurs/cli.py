@@ -12,12 +12,17 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 import typing
 from typing import Any
 
 from secateurs.errors import ConfigError, SecateursError
 
 log = logging.getLogger("secateurs")
+
+# Best forward-only method measured by `secateurs compare default` (README, "Default method"): 2.5x lower
+# perplexity than any other at 50%, 6% above block-influence at 20%.
+DEFAULT_METHOD = "policy-gradient"
 
 # -- dataclass <-> argparse ---------------------------------------------------------------------------
 
@@ -30,27 +35,69 @@ def _parse_tuple(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, seen: set[str], skip=()) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in seen or f.name in skip:
-            continue
-        seen.add(f.name)
-        hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        helptext = f.metadata.get("help", "") + f" (default: {default})"
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
-        base = (
-            typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Union, type(int | None)) else hint
-        )
-        if base is bool:
-            parser.add_argument(_option(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(base) is tuple or base is tuple:
-            parser.add_argument(_option(f.name), type=_parse_tuple, metavar="A,B", **kwargs)
-        elif base in (int, float, str):
-            parser.add_argument(_option(f.name), type=base, **kwargs)
-        else:
-            parser.add_argument(_option(f.name), type=str, **kwargs)
+def _sweep_of(base: type) -> Any:
+    """An argparse type for `compare`: "A,B,C" -> [A, B, C], each converted by `base`; a list is a sweep."""
+
+    def parse(text: str) -> list[Any]:
+        return [base(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse.__name__ = f"{base.__name__} list"  # argparse names it in "invalid ... value"
+    return parse
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's defaults by field name (what its constructor uses for an option not given)."""
+    missing = dataclasses.MISSING
+    return {
+        f.name: f.default if f.default is not missing else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+    }
+
+
+def _show_default(value: Any) -> str:
+    """How help text shows a default: tuples as the comma list one would type, enums by value."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "empty"
+    return str(value)
+
+
+def _add_field(
+    container: Any,
+    cls: type,
+    name: str,
+    *,
+    default_text: str | None = None,
+    hidden: bool = False,
+    sweep: bool = False,
+) -> None:
+    """Add `cls`'s field `name` as an option of `container` (a parser or an argument group).
+
+    The argparse default is SUPPRESS: only options the user gives reach the dataclass, whose own
+    defaults apply otherwise, so the help text shows `cls`'s default but never decides it. `hidden`:
+    parsed but not in the help. `sweep`: "A,B" becomes a list (see `_sweep_of`), except for tuple and
+    bool fields, whose type says a comma list is one value.
+    """
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    hint = typing.get_type_hints(cls)[name]
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    shown = _show_default(_defaults(cls)[name]) if default_text is None else default_text
+    helptext = argparse.SUPPRESS
+    if not hidden:
+        helptext = (f.metadata.get("help", "") + f" (default: {shown})").strip().replace("%", "%%")
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": name}
+    scalar = base if base in (int, float, str) else str
+    if base is bool:
+        container.add_argument(_option(name), action=argparse.BooleanOptionalAction, **kwargs)
+    elif typing.get_origin(base) is tuple or base is tuple:
+        container.add_argument(_option(name), type=_parse_tuple, metavar="A,B", **kwargs)
+    elif sweep:
+        container.add_argument(_option(name), type=_sweep_of(scalar), metavar="V[,V...]", **kwargs)
+    else:
+        container.add_argument(_option(name), type=scalar, **kwargs)
+
+
+def _field_names(cls: type, skip: typing.Iterable[str] = ()) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in set(skip)]
 
 
 def _build(cls: type, values: dict[str, Any]):
@@ -61,21 +108,11 @@ def _build(cls: type, values: dict[str, Any]):
 # -- commands ------------------------------------------------------------------------------------------
 
 
-def _method_config_classes() -> list[type]:
-    from secateurs.methods import REGISTRY
-
-    seen, out = set(), []
-    for cls in REGISTRY.values():
-        if cls.config_class not in seen:
-            seen.add(cls.config_class)
-            out.append(cls.config_class)
-    return out
-
-
 def _setup_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    # Any string: `resolve_device` (when the model loads) accepts cuda:N and says in one line what is wrong.
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per evaluation forward")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per evaluation forward (default: 8)")
 
 
 def _load(args):
@@ -206,13 +243,12 @@ def cmd_prune(args) -> int:
 
 def _all_method_fields() -> set[str]:
     """Settings that belong to some method only (not shared, not data settings)."""
+    from secateurs.methods import REGISTRY
     from secateurs.methods.base import MethodConfig
     from secateurs.pipeline import DataConfig
 
-    shared = {f.name for f in dataclasses.fields(MethodConfig)} | {
-        f.name for f in dataclasses.fields(DataConfig)
-    }
-    return {f.name for c in _method_config_classes() for f in dataclasses.fields(c)} - shared
+    shared = set(_field_names(MethodConfig)) | set(_field_names(DataConfig))
+    return {n for c in REGISTRY.values() for n in _field_names(c.config_class)} - shared
 
 
 def _print_summary(record: dict, out) -> None:
@@ -290,10 +326,14 @@ def cmd_apply(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from secateurs.compare import CompareConfig, run_compare
+    from secateurs.compare import CompareConfig, run_compare, setting_names, to_markdown
 
-    cfg = _build(CompareConfig, vars(args))
-    run_compare(cfg, passthrough=args.extra)
+    values = vars(args)
+    settings = {k: values[k] for k in sorted(setting_names()) if k in values}
+    cfg = _build(CompareConfig, values | {"settings": settings, "evaluate": not args.no_eval})
+    rows = run_compare(cfg)
+    print(to_markdown(rows))
+    print(f"\nwritten to {cfg.results}/compare.md and compare.json")
     return 0
 
 
@@ -308,47 +348,122 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 # -- parser --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from secateurs.methods.base import MethodConfig
-    from secateurs.pipeline import DataConfig
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    """The `secateurs` parser, one step per subcommand.
 
+    `method`: the `--method` given to prune (see `_chosen_method`); its help then shows that method's
+    settings and defaults only. None shows every method's group, and the default method's defaults for
+    the shared settings.
+    """
     p = argparse.ArgumentParser(prog="secateurs", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings in the log")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_prune(sub, method)
+    _add_eval(sub)
+    _add_bench(sub)
+    _add_apply(sub)
+    _add_info(sub)
+    _add_methods(sub)
+    _add_compare(sub)
+    return p
 
-    pr = sub.add_parser("prune", help="prune a model and save the smaller one")
+
+def _add_prune(sub: Any, method: str | None) -> None:
+    """prune: run options, the shared settings with the chosen method's defaults, the data settings,
+    then one group per method shown (see `_add_method_groups`)."""
+    from secateurs.methods import get_method
+    from secateurs.methods.base import MethodConfig
+    from secateurs.pipeline import DataConfig
+
+    chosen = get_method(method or DEFAULT_METHOD)  # an unknown --method fails here, in one line
+    pr = sub.add_parser(
+        "prune",
+        help="prune a model and save the smaller one",
+        description="`secateurs prune --method NAME --help` shows that method's settings and defaults.",
+    )
     pr.add_argument("model", help="default | model dir | file.gguf | hub id")
     pr.add_argument(
-        "--method", default=DEFAULT_METHOD, help=f"a registered method (default {DEFAULT_METHOD})"
+        "--method", default=DEFAULT_METHOD, help=f"a registered method (default: {DEFAULT_METHOD})"
     )
     pr.add_argument("--out", default=None, help="output directory (written atomically)")
     pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     pr.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     pr.add_argument("--json", action="store_true", help="also print the record as JSON")
     _setup_common(pr)
-    seen: set[str] = set()
-    _add_dataclass_options(pr, MethodConfig, seen)
-    _add_dataclass_options(pr, DataConfig, seen, skip=("seed",))
-    for cls in _method_config_classes():
-        _add_dataclass_options(pr, cls, seen)
+    shared = pr.add_argument_group(
+        "settings every method shares", f"defaults shown are those of --method {chosen.name}"
+    )
+    for name in _field_names(MethodConfig):
+        _add_field(shared, chosen.config_class, name)
+    data = pr.add_argument_group("calibration and evaluation text")
+    for name in _field_names(DataConfig, skip=("seed",)):  # seed: the shared one seeds both
+        _add_field(data, DataConfig, name)
+    _add_method_groups(pr, chosen, all_shown=method is None)
     pr.set_defaults(func=cmd_prune)
+
+
+def _add_method_groups(pr: argparse.ArgumentParser, chosen: type, all_shown: bool) -> None:
+    """One argument group per method shown (every registered one, or only `chosen`), with its own
+    defaults; the options of methods not shown are parsed but hidden, so that `cmd_prune` refuses them
+    in one line ("method 'x' has no setting(s) --y") instead of argparse's usage message.
+
+    An option two methods share (--channel-bundle) is listed under the first; the other's group names
+    it with its own default. A method whose default for a shared setting differs from the one shown
+    above (wanda-sp's --allocation) says so in its group's description.
+    """
+    from secateurs.methods import REGISTRY
+    from secateurs.methods.base import MethodConfig
+    from secateurs.pipeline import DataConfig
+
+    shared = _field_names(MethodConfig)
+    common = set(shared) | set(_field_names(DataConfig))
+    shown = [REGISTRY[n] for n in sorted(REGISTRY)] if all_shown else [chosen]
+    base = _defaults(chosen.config_class)
+    listed: set[str] = set()
+    for cls in shown:
+        defaults = _defaults(cls.config_class)
+        own = [n for n in _field_names(cls.config_class) if n not in common]
+        notes = [cls.description]
+        differ = [f"{_option(n)} {_show_default(defaults[n])}" for n in shared if defaults[n] != base[n]]
+        if differ:
+            notes.append(f"its defaults of shared settings: {', '.join(differ)}")
+        again = [f"{_option(n)} (default: {_show_default(defaults[n])})" for n in own if n in listed]
+        if again:
+            notes.append(f"also takes {', '.join(again)}, listed above")
+        group = pr.add_argument_group(f"{cls.name} settings", "; ".join(notes))
+        for name in own:
+            if name not in listed:
+                _add_field(group, cls.config_class, name)
+                listed.add(name)
+    for cls in REGISTRY.values():
+        for name in _field_names(cls.config_class):
+            if name not in common and name not in listed:
+                _add_field(pr, cls.config_class, name, hidden=True)
+                listed.add(name)
+
+
+def _add_eval(sub: Any) -> None:
+    from secateurs.pipeline import DataConfig
 
     ev = sub.add_parser("eval", help="held-out perplexity and parameter counts")
     ev.add_argument("model")
     ev.add_argument("--data", default="default", help="default | FILE.txt | FILE.jsonl | wikitext2 | c4")
     ev.add_argument("--json", action="store_true")
     _setup_common(ev)
-    _add_dataclass_options(ev, DataConfig, set(), skip=("calib", "eval", "nsamples", "seq_len", "seed"))
+    for name in _field_names(DataConfig, skip=("calib", "eval", "nsamples", "seq_len", "seed")):
+        _add_field(ev, DataConfig, name)
     ev.add_argument(
         "--seq-len",
         dest="eval_seq_len",
         type=int,
         default=argparse.SUPPRESS,
-        help="evaluation window length (default 256)",
+        help=f"evaluation window length (default: {_defaults(DataConfig)['eval_seq_len']})",
     )
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_bench(sub: Any) -> None:
     be = sub.add_parser("bench", help="prefill and decode speed, dense vs pruned, in one run")
     be.add_argument("dense")
     be.add_argument("pruned")
@@ -360,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     _setup_common(be)
     be.set_defaults(func=cmd_bench)
 
+
+def _add_apply(sub: Any) -> None:
     ap = sub.add_parser("apply", help="apply a saved plan.json to a model and save the result")
     ap.add_argument("model")
     ap.add_argument("--plan", required=True, help="plan.json written by a previous prune")
@@ -368,37 +485,93 @@ def build_parser() -> argparse.ArgumentParser:
     _setup_common(ap)
     ap.set_defaults(func=cmd_apply)
 
+
+def _add_info(sub: Any) -> None:
     inf = sub.add_parser("info", help="prunable units per layer, their costs and totals")
     inf.add_argument("model")
     _setup_common(inf)
     inf.set_defaults(func=cmd_info)
 
+
+def _add_methods(sub: Any) -> None:
     me = sub.add_parser("methods", help="list registered methods")
     me.set_defaults(func=cmd_methods)
 
-    try:
-        from secateurs.compare import add_compare_parser
 
-        add_compare_parser(sub, cmd_compare)
-    except ImportError:
-        pass
-    return p
+def _add_compare(sub: Any) -> None:
+    """compare: its own axes (methods, sparsities), then every prune setting, sweepable (see
+    `secateurs.compare`); an option it does not know is refused in `main`."""
+    from secateurs.compare import CompareConfig
+
+    co = sub.add_parser(
+        "compare",
+        help="every method at every sparsity on the same data; one table (markdown + JSON)",
+        description="Every prune setting goes to each method that has it. A comma list (--seed 0,1,2) "
+        "runs each value, several give their product; tuple settings (--units A,B, --alphas) take it as "
+        "one value.",
+    )
+    co.add_argument("model", nargs="?", default="default", help="as for prune (default: default)")
+    defaults = _defaults(CompareConfig)
+    for name, what in (("methods", "methods"), ("sparsity", "targets")):
+        shown = _show_default(defaults[name])
+        co.add_argument(_option(name), default=shown, help=f"comma-separated {what} (default: {shown})")
+    co.add_argument("--results", default=defaults["results"], help="where compare.md / compare.json go")
+    co.add_argument("--rerun", action="store_true", help="ignore cached results")
+    co.add_argument("--no-eval", action="store_true", help="skip perplexity (time and memory only)")
+    _setup_common(co)
+    _add_prune_settings(co.add_argument_group("prune settings (each goes to the methods that have it)"))
+    co.set_defaults(func=cmd_compare)
 
 
-# Best forward-only method measured by `secateurs compare default` (README, "Default method"): 2.5x lower
-# perplexity than any other at 50%, 6% above block-influence at 20%.
-DEFAULT_METHOD = "policy-gradient"
+def _add_prune_settings(group: Any) -> None:
+    """Every setting `compare` forwards, shared ones first; a default that differs between methods is
+    shown as "each method's own"."""
+    from secateurs.compare import setting_names
+    from secateurs.methods import REGISTRY
+    from secateurs.methods.base import MethodConfig
+    from secateurs.pipeline import DataConfig
+
+    classes = [MethodConfig, DataConfig, *(REGISTRY[n].config_class for n in sorted(REGISTRY))]
+    names = setting_names()
+    for cls in classes:
+        for name in _field_names(cls):
+            if name not in names:
+                continue
+            names.discard(name)
+            values = {_show_default(_defaults(c)[name]) for c in classes[2:] if name in _field_names(c)} or {
+                _show_default(_defaults(cls)[name])
+            }
+            shown = values.pop() if len(values) == 1 else "each method's own"
+            _add_field(group, cls, name, default_text=shown, sweep=True)
+
+
+def _chosen_method(argv: list[str]) -> str | None:
+    """The value of prune's `--method` (exact `--method X` / `--method=X`), read before the parser is
+    built because its help shows that method's defaults; None for other commands or when not given.
+    (An abbreviated --meth still selects the method; only the help shows every method then.)"""
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is None or argv[command] != "prune":
+        return None
+    rest = argv[command + 1 :]
+    for i, a in enumerate(rest):
+        if a == "--method" and i + 1 < len(rest):
+            return rest[i + 1]
+        if a.startswith("--method="):
+            return a.partition("=")[2]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        parser = build_parser()
+        parser = build_parser(_chosen_method(argv))
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "compare":
+        if extra and args.command == "compare":
+            names = [a.partition("=")[0] for a in extra if a.startswith("-")] or extra
+            raise ConfigError(f"compare has no option(s) {' '.join(names)}; it takes the settings of prune")
+        if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
-        args.extra = extra
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,36 +1,57 @@
-"""Side-by-side comparison: every method at every sparsity, same data, one table.
+"""Side-by-side comparison: every method at every sparsity (and every swept setting), same data, one table.
 
-Each run is its own process (`secateurs prune ... --json`), so its peak memory is its own; the dense
-evaluation is cached on disk and computed once; each run's result is cached under a key of (model,
-method, sparsity, extra settings, the method's and the data's defaults, secateurs version), so a re-run
-computes only what changed.
+Each run is its own spawned process (`run_one`), so its peak memory (`ru_maxrss`) is not the high-water
+mark of the runs before it (see `START_METHOD` for what it does include); the child loads the model,
+calls `secateurs.pipeline.run_prune` and sends its record back through a pipe. The dense evaluation is cached
+on disk and computed once. Each run's result is cached under a key of the model's content
+(`model_fingerprint`), the code that produces it (`prune_sources`), the method, the sparsity, every
+setting given and the resolved configs (so a changed default re-runs what it affects), device, dtype
+and library versions; a re-run computes only what changed.
+
+Settings (`CompareConfig.settings`) are those of `secateurs prune`; each goes to the methods that have
+it. A list is a sweep: each value runs, several swept settings run their cartesian product. Settings
+whose type is a tuple (`units`, `alphas`) take a tuple as one value; a list of tuples sweeps them.
+
+Methods run by name in a fresh interpreter, so a method registered at runtime (in a test or a notebook)
+is not available to `compare`; register it in an importable module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
-import os
-import subprocess
-import sys
+import multiprocessing
+import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, SecateursError
-from secateurs.io import atomic_write, atomic_write_json
-from secateurs.pipeline import DataConfig
+from secateurs.io import atomic_write, atomic_write_json, source_digest
+from secateurs.methods.base import MethodConfig
+from secateurs.pipeline import DataConfig, library_versions, model_fingerprint, prune_sources
 
 log = logging.getLogger(__name__)
+
+# The children log warnings only: their INFO lines (loading, per-step progress) would interleave across
+# runs; the parent logs one line per run instead.
+CHILD_LOG_LEVEL = logging.WARNING
+# "spawn", not "fork": a fresh interpreter holds nothing of the parent or of earlier runs (no torch
+# thread pools or CUDA context, which a forked child cannot reuse). Caveat on peak memory: Linux carries
+# ru_maxrss across exec, so a spawned child's figure is at least the compare parent's own peak (~300 MB:
+# torch imported, no model); the parent never loads a model, so a real run's own peak dominates.
+START_METHOD = "spawn"
 
 
 @dataclass
 class CompareConfig:
+    """What to compare: the axes (methods x sparsities x swept settings), where, and how each run loads."""
+
     model: str = "default"
     methods: tuple[str, ...] = ("magnitude", "wanda-sp", "flap", "random")
     sparsity: tuple[float, ...] = (0.2, 0.5)
@@ -38,6 +59,9 @@ class CompareConfig:
     rerun: bool = field(default=False, metadata={"help": "ignore cached results"})
     device: str = "auto"
     dtype: str | None = None
+    batch_size: int = 8
+    evaluate: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)  # prune settings; a list is a sweep
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -46,171 +70,262 @@ class CompareConfig:
             self.sparsity = tuple(float(s) for s in self.sparsity.split(",") if s.strip())
         from secateurs.methods import get_method
 
-        for m in self.methods:
-            get_method(m)
+        classes = [get_method(m).config_class for m in self.methods]
         for s in self.sparsity:
             if not 0 < s < 1:
                 raise ConfigError(f"sparsity must be in (0, 1), got {s}")
+        if "sparsity" in self.settings:
+            raise ConfigError("give sparsity as CompareConfig.sparsity (--sparsity), not as a setting")
+        empty = [k for k, v in self.settings.items() if isinstance(v, list) and not v]
+        if empty:
+            raise ConfigError(f"no values to sweep for {_options(empty)}")
+        unknown = set(self.settings) - setting_names()
+        if unknown:
+            raise ConfigError(f"compare has no setting(s) {_options(unknown)}")
+        taken = {f.name for c in [DataConfig, *classes] for f in dataclasses.fields(c)}
+        unused = set(self.settings) - taken
+        if unused:
+            raise ConfigError(
+                f"none of the methods {', '.join(self.methods)} has setting(s) {_options(unused)}"
+            )
 
 
-def _settings_for(method: str, extra: dict[str, str]) -> list[str]:
-    """Pass each extra setting only to the methods (or the data config) that have it."""
+def setting_names() -> set[str]:
+    """Every setting `compare` forwards: the data's and every registered method's, but sparsity (its own
+    axis)."""
+    from secateurs.methods import REGISTRY
+
+    classes = {DataConfig, MethodConfig, *(c.config_class for c in REGISTRY.values())}
+    return {f.name for c in classes for f in dataclasses.fields(c)} - {"sparsity"}
+
+
+def _options(names) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in sorted(names))
+
+
+@dataclass
+class Job:
+    """One run: a method at a sparsity with its settings (one value each; `swept` names the ones that
+    vary across the comparison)."""
+
+    method: str
+    sparsity: float
+    settings: dict[str, Any]
+    swept: tuple[str, ...] = ()
+
+
+def jobs(cfg: CompareConfig) -> list[Job]:
+    """Every run, sparsity outermost, then method, then the product of the settings it sweeps.
+
+    Each method gets only the settings it has (and the data's), and sweeps only those: sweeping a Bonsai
+    setting does not run magnitude twice.
+    """
     from secateurs.methods import get_method
 
-    names = {f.name for f in dataclasses.fields(get_method(method).config_class)}
-    names |= {f.name for f in dataclasses.fields(DataConfig)}
+    data_names = {f.name for f in dataclasses.fields(DataConfig)}
     out = []
-    for key, value in extra.items():
-        if key.replace("-", "_") in names:
-            out += [f"--{key}"] + ([] if value is None else [value])
+    for sparsity in cfg.sparsity:
+        for method in cfg.methods:
+            names = data_names | {f.name for f in dataclasses.fields(get_method(method).config_class)}
+            given = {k: v for k, v in cfg.settings.items() if k in names}
+            swept = tuple(k for k, v in given.items() if isinstance(v, list))
+            for values in itertools.product(*(given[k] for k in swept)):
+                settings = given | dict(zip(swept, values, strict=True))
+                varying = tuple(k for k in swept if len(given[k]) > 1)
+                out.append(Job(method, sparsity, settings, varying))
     return out
 
 
-def _defaults(method: str, sparsity: float) -> dict[str, Any]:
-    """The method's and the data's default settings: part of the cache key, so that changing a default
-    re-runs what it affects instead of serving a stale result."""
+def _jsonable(obj: Any) -> Any:
+    """Tuples as lists and enums as their values: what a cache key and a JSON row hold."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _configs(job: Job) -> tuple[MethodConfig, DataConfig]:
+    """The dataclasses a run builds from its settings, each taking the ones it has (`seed` goes to
+    both); building them in the parent validates every run before any process starts."""
     from secateurs.methods import get_method
 
-    config = get_method(method).config_class(sparsity=sparsity)
-    return json.loads(
-        json.dumps({"method": dataclasses.asdict(config), "data": dataclasses.asdict(DataConfig())})
-    )
+    cls = get_method(job.method).config_class
+    own = {f.name for f in dataclasses.fields(cls)}
+    data = {f.name for f in dataclasses.fields(DataConfig)}
+    config = cls(**{k: v for k, v in job.settings.items() if k in own}, sparsity=job.sparsity)
+    return config, DataConfig(**{k: v for k, v in job.settings.items() if k in data})
 
 
-def _parse_extra(args: list[str]) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument {a!r}")
-        key, _, value = a[2:].partition("=")
-        if not value and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value, i = args[i + 1], i + 1
-        out[key] = value or None
-        i += 1
-    return out
+def cache_key(cfg: CompareConfig, job: Job, weights: str) -> dict[str, Any]:
+    """Everything a run's figures depend on (see the module docstring); `weights` is the model's
+    `model_fingerprint`, computed once per comparison."""
+    from secateurs.models.loading import resolve_device, resolve_dtype
 
-
-def run_one(cfg: CompareConfig, method: str, sparsity: float, extra: list[str]) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "secateurs.cli",
-        "-q",
-        "prune",
-        cfg.model,
-        "--method",
-        method,
-        "--sparsity",
-        str(sparsity),
-        "--json",
-        "--device",
-        cfg.device,
-        *extra,
-    ]
-    if cfg.dtype:
-        cmd += ["--dtype", cfg.dtype]
-    log.info("running %s", " ".join(cmd[2:]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SecateursError(f"{method} at {sparsity}: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _row(method: str, sparsity: float, r: dict[str, Any]) -> dict[str, Any]:
-    rep = r["report"]
+    config, data = _configs(job)
+    device = resolve_device(cfg.device)
     return {
+        "model": weights,
+        "code": source_digest(prune_sources(job.method, config)),
+        "libraries": library_versions(),
+        "method": job.method,
+        "sparsity": job.sparsity,
+        "settings": _jsonable(job.settings),
+        "config": _jsonable(dataclasses.asdict(config)),
+        "data": _jsonable(dataclasses.asdict(data)),
+        "device": str(device),
+        "dtype": str(resolve_dtype(cfg.dtype, device)),
+        "batch_size": cfg.batch_size,
+        "evaluate": cfg.evaluate,
+    }
+
+
+# -- one run in its own process ------------------------------------------------------------------------
+
+
+def _prune_in_child(payload: dict[str, Any], conn) -> None:
+    """The spawned child: load the model, prune it (nothing saved), send back ("ok", record) or
+    ("error", one-line message, traceback)."""
+    logging.basicConfig(level=CHILD_LOG_LEVEL, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from secateurs.models.loading import load_model, model_id
+        from secateurs.pipeline import run_prune
+
+        job = Job(payload["method"], payload["sparsity"], payload["settings"])
+        config, data = _configs(job)
+        model, tok = load_model(payload["model"], device=payload["device"], dtype=payload["dtype"])
+        res = run_prune(
+            model,
+            tok,
+            job.method,
+            config,
+            data,
+            model_id(payload["model"]),
+            evaluate=payload["evaluate"],
+            batch_size=payload["batch_size"],
+        )
+        conn.send(("ok", _jsonable(res.record["parameters"] | {"report": res.record["report"]})))
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent as one line
+        text = " ".join(str(exc).split())
+        message = text if isinstance(exc, SecateursError) else f"{type(exc).__name__}: {text}"
+        conn.send(("error", message, traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_one(cfg: CompareConfig, method: str, sparsity: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """Prune in a spawned process and return its record (parameters + report); a failure in the child
+    raises `SecateursError("{method} at {sparsity}: {message}")`."""
+    ctx = multiprocessing.get_context(START_METHOD)
+    receive, send = ctx.Pipe(duplex=False)
+    payload = {
+        "model": cfg.model,
         "method": method,
-        "target": sparsity,
+        "sparsity": sparsity,
+        "settings": settings,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "evaluate": cfg.evaluate,
+        "batch_size": cfg.batch_size,
+    }
+    proc = ctx.Process(target=_prune_in_child, args=(payload, send), name=f"secateurs-{method}")
+    proc.start()
+    send.close()  # the child holds the only writer now: its exit ends `recv` with EOFError
+    try:
+        try:
+            message = receive.recv()
+        except EOFError:
+            message = None
+        proc.join()
+    finally:
+        if proc.is_alive():  # interrupted while waiting: do not leave the run behind
+            proc.terminate()
+            proc.join()
+        receive.close()
+    if message is None:
+        raise SecateursError(
+            f"{method} at {sparsity}: its process exited with code {proc.exitcode} and no result"
+        )
+    if message[0] == "error":
+        log.debug("%s at %s failed in its process:\n%s", method, sparsity, message[2])
+        raise SecateursError(f"{method} at {sparsity}: {message[1]}")
+    return message[1]
+
+
+# -- the table -----------------------------------------------------------------------------------------
+
+
+def _row(job: Job, r: dict[str, Any]) -> dict[str, Any]:
+    rep = r["report"]
+    pruned, dense = rep.get("pruned_eval", {}), rep.get("dense_eval", {})
+    return {
+        "method": job.method,
+        "target": job.sparsity,
+        "settings": _jsonable(job.settings),
+        "swept": _jsonable({k: job.settings[k] for k in job.swept}),
         "sparsity_attn_mlp": r["sparsity"],
         "sparsity_total": r["total_removed_share"],
-        "ppl": rep["pruned_eval"]["ppl"],
-        "dense_ppl": rep["dense_eval"]["ppl"],
+        "ppl": pruned.get("ppl"),
+        "dense_ppl": dense.get("ppl"),
         "time_s": rep["method_time_s"],
         "peak_rss_mb": rep["method_peak_rss_mb"],
         "cuda_peak_mb": rep.get("method_cuda_peak_mb"),
         "forwards": rep.get("forwards"),
         "tokens": rep.get("tokens"),
-        "eval_tokens": rep["pruned_eval"]["tokens"],
-        "eval_seq_len": rep["pruned_eval"]["seq_len"],
+        "eval_tokens": pruned.get("tokens"),
+        "eval_seq_len": pruned.get("seq_len"),
         "shapes": rep.get("shapes"),
     }
 
 
+def _show(settings: dict[str, Any]) -> str:
+    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items())
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| method | target | removed attn+MLP | removed total | held-out ppl | time (s) | peak RSS (MB) | forwards | tokens |"
-    lines = [head, "|" + "---|" * 9]
+    """The table; a "settings" column when some setting is swept, and the settings every run shares
+    below it."""
+    swept = any(r["swept"] for r in rows)
+    cols = ["method", "target", *(["settings"] if swept else []), "removed attn+MLP", "removed total"]
+    cols += ["held-out ppl", "time (s)", "peak RSS (MB)", "forwards", "tokens"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['target']:.0%} | {r['sparsity_attn_mlp']:.2%} | {r['sparsity_total']:.2%} | "
-            f"{r['ppl']:.2f} | {r['time_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['forwards'] or '-'} | "
-            f"{r['tokens'] or '-'} |"
-        )
+        cells = [r["method"], f"{r['target']:.0%}", *([_show(r["swept"]) or "-"] if swept else [])]
+        cells += [f"{r['sparsity_attn_mlp']:.2%}", f"{r['sparsity_total']:.2%}"]
+        cells += ["-" if r["ppl"] is None else f"{r['ppl']:.2f}", f"{r['time_s']:.1f}"]
+        cells += [f"{r['peak_rss_mb']:.0f}", str(r["forwards"] or "-"), str(r["tokens"] or "-")]
+        lines.append("| " + " | ".join(cells) + " |")
     if rows:
         r = rows[0]
-        lines.append(
-            f"\ndense perplexity {r['dense_ppl']:.2f}; evaluation: {r['eval_tokens']:,} held-out tokens, "
-            f"seq_len {r['eval_seq_len']}. Peak RSS is each run's own process (model + method)."
-        )
+        if r["dense_ppl"] is not None:
+            lines.append(
+                f"\ndense perplexity {r['dense_ppl']:.2f}; evaluation: {r['eval_tokens']:,} held-out tokens, "
+                f"seq_len {r['eval_seq_len']}. Peak RSS is each run's own process (model + method)."
+            )
+        shared = {k: v for k, v in r["settings"].items() if all(q["settings"].get(k) == v for q in rows)}
+        if shared:
+            lines.append(f"\nsettings of every run: {_show(shared)}")
     return "\n".join(lines)
 
 
-def run_compare(cfg: CompareConfig, passthrough: list[str] | None = None) -> list[dict[str, Any]]:
-    from secateurs import __version__
-    from secateurs.models.loading import model_id
-
-    extra = _parse_extra(passthrough or [])
-    rows = []
-    jobs = [(m, s) for s in cfg.sparsity for m in cfg.methods]
+def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
+    """Run (or read from the cache) every job; write compare.md and compare.json under `cfg.results`."""
+    todo = jobs(cfg)
+    weights = model_fingerprint(cfg.model)
+    keys = [cache_key(cfg, job, weights) for job in todo]  # validates every run before the first starts
     store = cache_dir() / "compare"
-    store.mkdir(parents=True, exist_ok=True)
-    for method, sparsity in tqdm(jobs, desc="compare", unit="run"):
-        settings = _settings_for(method, extra)
-        key = {
-            "model": model_id(cfg.model),
-            "method": method,
-            "sparsity": sparsity,
-            "settings": settings,
-            "defaults": _defaults(method, sparsity),
-            "device": cfg.device,
-            "dtype": cfg.dtype,
-            "version": __version__,
-        }
+    rows = []
+    for i, (job, key) in enumerate(zip(todo, keys, strict=True), 1):
         path = store / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+        label = f"[{i}/{len(todo)}] {job.method} at {job.sparsity} {_show(job.settings)}".rstrip()
         if path.is_file() and not cfg.rerun:
+            log.info("%s: cached", label)
             result = json.loads(path.read_text())
         else:
-            result = run_one(cfg, method, sparsity, settings)
+            log.info("%s: running in its own process", label)
+            t0 = time.perf_counter()
+            result = run_one(cfg, job.method, job.sparsity, job.settings)
             atomic_write_json(path, result)
-        rows.append(_row(method, sparsity, result))
+            log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
+        rows.append(_row(job, result))
     out = Path(cfg.results)
-    out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(rows)
-    atomic_write(out / "compare.md", md + "\n")
+    atomic_write(out / "compare.md", to_markdown(rows) + "\n")
     atomic_write_json(out / "compare.json", rows)
-    print(md)
-    print(f"\nwritten to {out}/compare.md and compare.json")
+    log.info("written to %s/compare.md and compare.json", out)
     return rows
-
-
-def add_compare_parser(sub, func) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="every method at every sparsity on the same data; one table (markdown + JSON)",
-        description="Extra options (e.g. --nsamples 64, --masks-per-round 64) go to every method that has them.",
-    )
-    p.add_argument("model", nargs="?", default="default")
-    p.add_argument("--methods", default=argparse_default(CompareConfig, "methods"))
-    p.add_argument("--sparsity", default=argparse_default(CompareConfig, "sparsity"))
-    p.add_argument("--results", default="compare-results")
-    p.add_argument("--rerun", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None)
-    p.set_defaults(func=func)
-
-
-def argparse_default(cls, name: str) -> str:
-    value = next(f.default for f in dataclasses.fields(cls) if f.name == name)
-    return ",".join(str(v) for v in value)

@@ -20,7 +20,7 @@ from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import DataError
 from secateurs.eval.loss import perplexity
 from secateurs.eval.measure import measure
-from secateurs.io import atomic_write_json, check_output_dir
+from secateurs.io import atomic_write_json, check_output_dir, file_digest, source_digest
 from secateurs.methods.base import MethodConfig, get_method
 from secateurs.scoring.select import check_reachable
 from secateurs.surgery.apply import apply_plan_
@@ -77,16 +77,121 @@ def evaluation_windows(tokenizer, data: DataConfig) -> tuple[torch.Tensor, str]:
     return eval_windows(tokenizer, docs, data.eval_seq_len, data.eval_tokens), fingerprint(docs)
 
 
+# Modules whose code decides a dense evaluation's figure: the loss, the windows cut from the text, and
+# how the weights are loaded (dtype, dequantisation). Part of the dense-eval cache key.
+EVAL_SOURCES = ("secateurs.eval", "secateurs.data", "secateurs.models")
+# ... and a pruning run's: also the unit space, the shared scoring, the surgery, this pipeline and the
+# method interface. The method's own code is added per method by `prune_sources`.
+PRUNE_SOURCES = (
+    *EVAL_SOURCES,
+    "secateurs.units",
+    "secateurs.scoring",
+    "secateurs.surgery",
+    "secateurs.pipeline",
+    "secateurs.methods.base",
+)
+METHODS_PACKAGE = "secateurs.methods"
+LIBRARIES = ("torch", "transformers")  # their numerics change figures too; keyed by installed version
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of `LIBRARIES` (read from metadata: importing transformers costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def model_fingerprint(source: str) -> str:
+    """A content hash of a model's files, for cache keys: a model changed in place at the same path (or a
+    re-converted default model) must not be served the figures of the old one.
+
+    `source` is what `load_model` takes, or its `model_id` (what `run_prune` gets as `model_name`):
+    the default model hashes its converted directory, a local directory or .gguf file its files, a hub id
+    its snapshot in the local Hugging Face cache; a hub id that is not cached has nothing to hash, so the
+    id itself stands for it.
+    """
+    from secateurs.models.loading import DEFAULT_ID, DEFAULT_SOURCE, default_model_dir
+
+    if source in (DEFAULT_SOURCE, DEFAULT_ID):
+        return file_digest(default_model_dir())
+    path = Path(source).expanduser()
+    if path.exists():
+        return file_digest(path)
+    snapshot = _cached_hub_snapshot(source)
+    return file_digest(snapshot) if snapshot is not None else f"hub:{source}"
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot directory of a hub id, without touching the network (None when not cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a valid id, not cached, offline: all mean "nothing local"
+        return None
+
+
+def prune_sources(method: str, config: MethodConfig | None = None) -> tuple[str, ...]:
+    """The modules whose code decides a `run_prune` result with `method` (for `source_digest`).
+
+    `PRUNE_SOURCES`, the method's own code (see `_method_modules`) and that of every method it depends
+    on: the ones its module imports (block-influence falls back to magnitude's scores) and the ones a
+    setting of `config` names (Bonsai's prior, the policy gradient's init).
+    """
+    from secateurs.methods.base import REGISTRY
+
+    todo, seen, modules = [method], set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        modules |= _method_modules(name)
+        if name == method and config is not None:
+            todo += [v for v in config.to_dict().values() if isinstance(v, str) and v in REGISTRY]
+    return (*PRUNE_SOURCES, *sorted(modules))
+
+
+def _method_modules(method: str) -> set[str]:
+    """The method's module, or its whole package when it is one (`methods/bonsai/`), plus the modules
+    of other methods whose functions or classes it imports."""
+    import sys
+
+    module = get_method(method).__module__
+    parent = module.rpartition(".")[0]
+    own = parent if parent.startswith(METHODS_PACKAGE + ".") else module
+    used = {
+        getattr(value, "__module__", None)
+        for name, mod in list(sys.modules.items())
+        if name == own or name.startswith(own + ".")
+        for value in vars(mod).values()
+    }
+    imported = {m for m in used if isinstance(m, str) and m.startswith(METHODS_PACKAGE + ".")}
+    return {own} | {m for m in imported if not m.startswith(own + ".")}
+
+
 def cached_perplexity(
     model: nn.Module, windows: torch.Tensor, key: dict[str, Any], batch_size: int = 8
 ) -> dict:
-    """Perplexity, cached on disk under `key` (the dense model's figure is computed once per setting)."""
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    """Perplexity, cached on disk under `key` (the dense model's figure is computed once per setting).
+
+    `key` says which model and which text (`run_prune` uses `model_fingerprint` and the text's
+    fingerprint); the code that computes the figure (`EVAL_SOURCES`) and the library versions are added
+    here, so a change to either recomputes instead of serving a stale figure.
+    """
+    full = key | {"code": source_digest(EVAL_SOURCES), "libraries": library_versions()}
+    digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "eval" / f"{digest}.json"
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
     result = perplexity(model, windows, batch_size)
-    atomic_write_json(path, result | {"key": key})
+    atomic_write_json(path, result | {"key": full})
     return result
 
 
@@ -137,8 +242,15 @@ def run_prune(
     report["tokens"] = plan.info.get("tokens", int(calib.numel()))
     report["shapes"] = plan.shapes(space)  # kept GQA groups and MLP channels per layer
     if evaluate:
-        key = {"model": model_name, "eval": ev_fp, "seq_len": data.eval_seq_len, "tokens": int(ev.numel())}
-        key["dtype"] = str(next(model.parameters()).dtype)
+        weights = next(model.parameters())
+        key = {
+            "model": model_fingerprint(model_name),  # the weights' content, not their path
+            "eval": ev_fp,
+            "seq_len": data.eval_seq_len,
+            "tokens": int(ev.numel()),
+            "dtype": str(weights.dtype),
+            "device": weights.device.type,  # CUDA kernels give slightly different figures than CPU ones
+        }
         report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
     apply_plan_(model, plan)
     if evaluate:

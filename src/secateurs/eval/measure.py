@@ -13,12 +13,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 MIN_SECONDS = 1e-9  # a decode time difference at timer resolution must not divide by zero
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (what the OS had to give it)."""
+    """This process's peak resident memory so far (what the OS had to give it).
+
+    Linux: `VmHWM` from /proc/self/status, the high-water mark of this process image. `ru_maxrss` is
+    carried across fork + exec, so a child started by a process that had touched 800 MB reports at
+    least 800 MB; compare's per-run figures would be the parent's, not the run's.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
