@@ -128,7 +128,7 @@ class Flap(MetricMethod):
         plan.info["budget_added_for_bias_corrections"] = int(extra)
         log.info(
             "flap: removed %d of %d prunable parameters (target %d)",
-            _removed(space, plan), space.total_cost, target,
+            plan.removed_params(space), space.total_cost, target,
         )  # fmt: skip
         return plan
 
@@ -143,15 +143,15 @@ class Flap(MetricMethod):
         extra = 0
         for _ in range(BIAS_BUDGET_ROUNDS):
             plan = self._select_with_biases(model, space, stats, scores, target + extra)
-            short = target - _removed(space, plan)
+            short = target - plan.removed_params(space)
             if short <= 0:
                 return plan, extra
             extra += short
         extra = max(extra, _worst_case_bias_cost(space))
         plan = self._select_with_biases(model, space, stats, scores, target + extra)
-        if _removed(space, plan) < target:
+        if plan.removed_params(space) < target:
             raise ConfigError(
-                f"flap: the plan removes {_removed(space, plan)} parameters, short of the target {target} "
+                f"flap: the plan removes {plan.removed_params(space)} parameters, short of the target {target} "
                 "after paying for the bias corrections; use --no-bias-correction or a lower sparsity"
             )
         return plan, extra
@@ -162,10 +162,6 @@ class Flap(MetricMethod):
         if cfg.bias_correction:
             add_compensation_(plan, model, space, stats)
         return plan
-
-
-def _removed(space: UnitSpace, plan: Plan) -> int:
-    return space.total_cost - plan.kept_cost(space)
 
 
 def _worst_case_bias_cost(space: UnitSpace) -> int:

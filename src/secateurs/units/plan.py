@@ -100,6 +100,10 @@ class Plan:
             for lp, lu in zip(self.canonical(space).layers, space.layers, strict=True)
         )
 
+    def removed_params(self, space: UnitSpace) -> int:
+        """Prunable parameters this plan removes (what targets are checked against)."""
+        return space.total_cost - self.kept_cost(space)
+
     def removed_fraction(self, space: UnitSpace) -> float:
         return 1.0 - self.kept_cost(space) / space.total_cost
 

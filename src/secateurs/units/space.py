@@ -158,30 +158,6 @@ class UnitSpace:
             return [lu.mlp_cost for lu in self.layers]
         return [lu.cost for lu in self.layers]
 
-    def kept_cost(
-        self,
-        groups: list[torch.Tensor],
-        channels: list[torch.Tensor],
-        attn_block: torch.Tensor | None = None,
-        mlp_block: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Expected kept prunable parameters for (soft or hard) keep values, each parameter counted once.
-
-        `groups[l]` / `channels[l]` are keep values in [0, 1]; a block value multiplies everything inside
-        it, so a dropped layer's groups are not counted twice. Works for probabilities too (expectation of
-        a product of independent Bernoullis).
-        """
-        total = torch.zeros(())
-        for i, lu in enumerate(self.layers):
-            a = lu.group_cost * groups[i].sum() + lu.attn_fixed * float(lu.geometry.has_attn)
-            m = lu.channel_cost * channels[i].sum() + lu.mlp_fixed * float(lu.geometry.has_mlp)
-            if attn_block is not None:
-                a = a * attn_block[i]
-            if mlp_block is not None:
-                m = m * mlp_block[i]
-            total = total + a + m
-        return total
-
     def describe(self) -> list[dict]:
         """Per-layer counts and costs, for `secateurs info` and reports."""
         return [

@@ -288,10 +288,6 @@ class _Run:
             self.counters[k] += info[k]
 
 
-def _removed(space: UnitSpace, plan: Plan) -> int:
-    return space.total_cost - plan.kept_cost(space)
-
-
 def _lcm_chunk(n_windows: int, max_rows: int) -> int:
     """Masks per evaluator call so that calls fill whole forwards (progress-bar granularity)."""
     return max(1, math.lcm(n_windows, max_rows) // n_windows)
@@ -454,7 +450,7 @@ class Bonsai(Method):
         return {
             "round": round_index + 1,
             "budget": int(budget),
-            "removed": _removed(space, plan),
+            "removed": plan.removed_params(space),
             "candidates": {k: cands.count(k) for k in kinds},
             "features": {POOL[k]: cands.n_features(k) for k in kinds},
             "dropped": dropped_counts(space, plan, kinds),
@@ -580,7 +576,7 @@ class Bonsai(Method):
         """The composed plan with the run's record (settings, figures per round, totals)."""
         cfg = self.config
         composed, counters, total = run.composed, run.counters, run.total
-        removed = _removed(run.orig, composed)
+        removed = composed.removed_params(run.orig)
         composed.method, composed.settings, composed.seed = self.name, cfg.to_dict(), cfg.seed
         composed.info = {
             "target_params": run.target,

@@ -727,7 +727,7 @@ class PolicyGradient(Method):
             attn = select(
                 UnitScores(scores), space, cfg.sparsity, "global", (Kind.ATTN_GROUP,), target=attn_target
             )
-            removed_attn = space.total_cost - attn.kept_cost(space)
+            removed_attn = attn.removed_params(space)
         mlp_target = target_params(space, cfg.sparsity) - removed_attn
         mlp = select(
             UnitScores(scores), space, cfg.sparsity, "global", (Kind.MLP_CHANNEL,), target=mlp_target
@@ -742,7 +742,7 @@ class PolicyGradient(Method):
             for i in range(space.n_layers)
         ]
         plan = Plan(layers).canonical(space)
-        removed = space.total_cost - plan.kept_cost(space)
+        removed = plan.removed_params(space)
         if removed < target_params(space, cfg.sparsity):
             raise ConfigError(f"per-kind selection removed {removed} parameters, short of the target")
         return plan
