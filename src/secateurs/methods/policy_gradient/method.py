@@ -453,8 +453,9 @@ def _count_work(state: PGState, tokens: int, evaluator: Any) -> None:
 
 def _show_progress(bar: tqdm, losses: torch.Tensor, state: PGState) -> None:
     """One step on the progress bar, with this step's mean loss and the moving baseline."""
+    # refresh=False: the bar redraws on its own interval (a log line every 30 s off a terminal), not per step
+    bar.set_postfix(loss=f"{float(losses.mean()):.3f}", baseline=f"{state.baseline:.3f}", refresh=False)
     bar.update(1)
-    bar.set_postfix(loss=f"{float(losses.mean()):.3f}", baseline=f"{state.baseline:.3f}")
 
 
 @register
