@@ -107,6 +107,13 @@ def load_state(directory: str | Path) -> dict[str, Any] | None:
         raise ConfigError(f"checkpoint {path} is damaged or not a secateurs checkpoint: {e}") from None
 
 
+def clear_state(directory: str | Path) -> None:
+    """Remove a checkpoint (what `--overwrite` does to `--checkpoint-dir` when not resuming)."""
+    directory = Path(directory)
+    for path in (directory / STATE_FILE, directory / LEGACY_FILE, *directory.glob("state-*.safetensors")):
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class RunCheckpoint:
     """One iterative run's checkpoint directory and what a state in it must match to be resumed.
@@ -137,8 +144,8 @@ class RunCheckpoint:
         if not resume:
             if saved is not None and not overwrite:
                 raise ConfigError(
-                    f"{self.directory} already holds a checkpoint; pass --resume to continue it, or use a "
-                    "new directory"
+                    f"{self.directory} already holds a checkpoint; pass --resume to continue it, --overwrite "
+                    "to start over, or use a new directory"
                 )
             return None
         if saved is None:

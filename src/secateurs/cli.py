@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any
 from secateurs.errors import ConfigError, SecateursError
 
 log = logging.getLogger("secateurs")
+DEBUG_ENV = "SECATEURS_DEBUG"  # set (not 0) to see tracebacks, like --debug
 
 # Best forward-only method measured by `secateurs compare default` (README, "Default method"): 2.5x lower
 # perplexity than any other at 50%, 6% above block-influence at 20%.
@@ -152,6 +154,7 @@ def cmd_eval(args) -> int:
 
     data = _build(DataConfig, vars(args) | {"eval": args.data})
     model, tok, name = _load(args)
+    data.check_context(model)
     windows, _ = evaluation_windows(tok, data)
     r = perplexity(model, windows, args.batch_size)
     space = UnitSpace.from_model(model)
@@ -204,7 +207,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from secateurs.io import check_output_dir
+    from secateurs.io import reserved_dir
     from secateurs.methods import get_method
     from secateurs.pipeline import DataConfig, run_prune
     from secateurs.units.space import SPARSITY_DEFINITION
@@ -219,21 +222,21 @@ def cmd_prune(args) -> int:
         )
     config = _build(method_cls.config_class, values)  # validates sparsity etc. before loading anything
     data = _build(DataConfig, values)
-    if args.out:
-        check_output_dir(args.out, args.overwrite)
-    model, tok, name = _load(args)
-    res = run_prune(
-        model,
-        tok,
-        args.method,
-        config,
-        data,
-        name,
-        args.out,
-        args.overwrite,
-        evaluate=not args.no_eval,
-        batch_size=args.batch_size,
-    )
+    with reserved_dir(args.out, args.overwrite) as reserved:  # an unwritable --out fails before the load
+        model, tok, name = _load(args)
+        res = run_prune(
+            model,
+            tok,
+            args.method,
+            config,
+            data,
+            name,
+            args.out,
+            args.overwrite,
+            evaluate=not args.no_eval,
+            batch_size=args.batch_size,
+            reserved=reserved,
+        )
     _print_summary(res.record, args.out)
     print(SPARSITY_DEFINITION)
     if args.json:
@@ -302,21 +305,21 @@ def _print_summary(record: dict, out) -> None:
 
 
 def cmd_apply(args) -> int:
-    from secateurs.io import check_output_dir
+    from secateurs.io import reserved_dir
     from secateurs.surgery.apply import apply_plan_
     from secateurs.surgery.saving import plan_record, save_pruned
     from secateurs.units.plan import Plan
     from secateurs.units.space import UnitSpace, count_parameters
 
     plan = Plan.load(args.plan)
-    check_output_dir(args.out, args.overwrite)
-    model, tok, _ = _load(args)
-    space = UnitSpace.from_model(model)
-    plan = plan.canonical(space)  # a plan for another model fails here, before anything is written
-    dense_params = count_parameters(model)
-    apply_plan_(model, plan)
-    record = plan_record(plan, dense_params, space.total_cost, model)
-    save_pruned(model, args.out, plan, tok, overwrite=args.overwrite, record=record)
+    with reserved_dir(args.out, args.overwrite) as reserved:
+        model, tok, _ = _load(args)
+        space = UnitSpace.from_model(model)
+        plan = plan.canonical(space)  # a plan for another model fails here, before anything is written
+        dense_params = count_parameters(model)
+        apply_plan_(model, plan)
+        record = plan_record(plan, dense_params, space.total_cost, model)
+        save_pruned(model, args.out, plan, tok, overwrite=args.overwrite, record=record, reserved=reserved)
     p = record["parameters"]
     print(
         f"applied {args.plan} ({plan.method}): sparsity {p['sparsity']:.2%} of attn+MLP, "
@@ -387,7 +390,7 @@ def _add_prune(sub: Any, method: str | None) -> None:
         "--method", default=DEFAULT_METHOD, help=f"a registered method (default: {DEFAULT_METHOD})"
     )
     pr.add_argument("--out", default=None, help="output directory (written atomically)")
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and start over an existing --checkpoint-dir")
     pr.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     pr.add_argument("--json", action="store_true", help="also print the record as JSON")
     _setup_common(pr)
@@ -563,7 +566,7 @@ def _chosen_method(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         parser = build_parser(_chosen_method(argv))
         args, extra = parser.parse_known_args(argv)
@@ -582,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"secateurs: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an I/O failure a user can fix (permissions, space, a vanished file)
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"secateurs: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("secateurs: interrupted", file=sys.stderr)

@@ -25,6 +25,10 @@ class OutputExistsError(SecateursError):
     """The output directory exists and is not empty, and --overwrite was not given."""
 
 
+class OutputError(SecateursError):
+    """The output cannot be written (read-only, a mount point, not enough space, an I/O error)."""
+
+
 class LossError(SecateursError):
     """A loss came back NaN or infinite; the run stops with its last good checkpoint intact."""
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from secateurs.errors import OutputExistsError
+from secateurs.errors import OutputError, OutputExistsError
 
 TMP_MARK = ".tmp-"  # temporary siblings are named ".<name>.tmp-<pid>-<random>"
 
@@ -102,19 +102,73 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+SPACE_MARGIN = 1.1  # free space asked for beyond the estimate: tokenizer files, config, filesystem slack
+
+
+def reserve_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Fail in the first second, not after an hour of work: check `out` and create the temporary
+    directory the save will write into (pass it to `atomic_dir(..., tmp=)`).
+
+    A read-only filesystem, missing permissions and a mount point as `out` (a rename onto it fails with
+    EBUSY) are each a one-line `OutputError` here; `check_free_space` once the model's size is known.
+    """
+    out = check_output_dir(out, overwrite)
+    if out.is_dir() and os.path.ismount(out):
+        raise OutputError(
+            f"output {out} is a mount point, which cannot be replaced; give a directory inside it"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out)
+        tmp = tmp_sibling(out)
+        tmp.mkdir(mode=user_mode(directory=True))
+    except OSError as e:
+        raise OutputError(f"cannot write next to {out}: {e.strerror or e}") from None
+    return tmp
+
+
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, exist_ok: bool = False) -> Iterator[Path]:
+def reserved_dir(
+    out: str | Path | None, overwrite: bool = False, tmp: Path | None = None
+) -> Iterator[Path | None]:
+    """`reserve_dir` for the length of a job (None when there is no output); a job that fails before its
+    save leaves nothing behind."""
+    if out is None:
+        yield None
+        return
+    tmp = tmp or reserve_dir(out, overwrite)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_free_space(directory: Path, need_bytes: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes * SPACE_MARGIN:
+        raise OutputError(
+            f"{directory} has {free / 2**20:,.1f} MB free; the output needs about "
+            f"{need_bytes * SPACE_MARGIN / 2**20:,.1f} MB"
+        )
+
+
+@contextmanager
+def atomic_dir(
+    out: str | Path, overwrite: bool = False, exist_ok: bool = False, tmp: Path | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out` by rename, on error it vanishes.
 
     Nothing half-written ever appears under `out`, and an existing `out` survives a failed write.
     `exist_ok`: when another process has created `out` meanwhile (a cache filled concurrently), keep
-    theirs and discard ours instead of failing.
+    theirs and discard ours instead of failing. `tmp`: a directory from `reserve_dir`.
     """
     out = Path(out) if exist_ok else check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out)
-    tmp = tmp_sibling(out)
-    tmp.mkdir(mode=user_mode(directory=True))
+    if tmp is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out)
+        tmp = tmp_sibling(out)
+        tmp.mkdir(mode=user_mode(directory=True))
     try:
         yield tmp
         _user_modes_(tmp)

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.checkpoint import clear_state
 from secateurs.data import eval_windows, load_documents, sample_windows
 from secateurs.data.text import cache_dir, describe_split, fingerprint
-from secateurs.errors import DataError
+from secateurs.errors import ConfigError, DataError
 from secateurs.eval.loss import perplexity
 from secateurs.eval.measure import measure
-from secateurs.io import atomic_write_json, check_output_dir, file_digest, source_digest
+from secateurs.io import atomic_write_json, check_free_space, file_digest, reserved_dir, source_digest
 from secateurs.methods.base import MethodConfig, get_method
-from secateurs.scoring.select import check_reachable
+from secateurs.scoring.select import check_reachable, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.saving import plan_record, save_pruned
 from secateurs.units.plan import Plan
@@ -44,6 +45,9 @@ class DataConfig:
     seq_len: int = field(default=128, metadata={"help": "calibration window length (tokens)"})
     eval_seq_len: int = field(default=256, metadata={"help": "evaluation window length (tokens)"})
     eval_tokens: int = field(default=32768, metadata={"help": "held-out tokens evaluated"})
+    allow_long_context: bool = field(
+        default=False, metadata={"help": "allow windows longer than the model's context"}
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +61,17 @@ class DataConfig:
                 f"need nsamples >= 1, seq_len >= 2 and eval_tokens >= eval_seq_len; got nsamples={self.nsamples}, "
                 f"seq_len={self.seq_len}, eval_seq_len={self.eval_seq_len}, eval_tokens={self.eval_tokens}"
             )
+
+    def check_context(self, model: nn.Module) -> None:
+        """Windows beyond the model's context (`max_position_embeddings`) use positions it never saw in
+        training: figures from them mean little. Refused unless `allow_long_context`."""
+        limit = getattr(model.config, "max_position_embeddings", None)
+        for option, length in (("--seq-len", self.seq_len), ("--eval-seq-len", self.eval_seq_len)):
+            if limit and length > limit and not self.allow_long_context:
+                raise ConfigError(
+                    f"{option} {length} is longer than the model's context ({limit} tokens); use a shorter "
+                    "window or --allow-long-context"
+                )
 
     def describe(self) -> str:
         """Calibration always reads a source's calibration part and evaluation its held-out part, also when
@@ -221,11 +236,35 @@ def run_prune(
     overwrite: bool = False,
     evaluate: bool = True,
     batch_size: int = 8,
+    reserved: Path | None = None,
 ) -> PruneResult:
-    """Prune `model` in place with `method` and write the result to `out` (atomically) if given."""
-    if out is not None:
-        check_output_dir(out, overwrite)  # fail before any work
+    """Prune `model` in place with `method` and write the result to `out` (atomically) if given.
+
+    The output is checked before any work (`io.reserved_dir`, unless the caller reserved it already,
+    and the free space for the pruned model); a failed save keeps the plan (see `save_pruned`).
+    """
+    with reserved_dir(out, overwrite, reserved) as reserved:
+        return _run_prune(
+            model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved
+        )
+
+
+def _pruned_bytes(model: nn.Module, space: UnitSpace, sparsity: float) -> int:
+    """About what the saved model takes: the parameters left at the target, at the model's dtype."""
+    element = next(model.parameters()).element_size()
+    return (count_parameters(model) - target_params(space, sparsity)) * element
+
+
+def _run_prune(
+    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved
+) -> PruneResult:
+    data.check_context(model)
+    checkpoint = getattr(config, "checkpoint_dir", None)
+    if overwrite and checkpoint and not getattr(config, "resume", False):
+        clear_state(checkpoint)  # --overwrite starts a run over, its checkpoint included
     space = UnitSpace.from_model(model)
+    if out is not None:
+        check_free_space(Path(out).parent, _pruned_bytes(model, space, config.sparsity))
     dense_params, dense_prunable = count_parameters(model), space.total_cost
     calib = calibration_windows(tokenizer, data)
     ev, ev_fp = evaluation_windows(tokenizer, data) if evaluate else (None, None)
@@ -259,5 +298,8 @@ def run_prune(
     record["report"] = report
     record["sparsity_definition"] = SPARSITY_DEFINITION
     if out is not None:
-        save_pruned(model, out, plan, tokenizer, overwrite=overwrite, record=record)
+        save_pruned(
+            model, out, plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
+            rescue_dirs=(checkpoint,) if checkpoint else (),
+        )  # fmt: skip
     return PruneResult(plan, record, model)

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
-from secateurs.errors import ModelSourceError, one_line
+from secateurs.errors import ModelSourceError, OutputError, one_line
 from secateurs.io import atomic_dir, atomic_write, atomic_write_json
 from secateurs.models import reshape
 from secateurs.models.adapters import FamilyAdapter, adapter_for
@@ -88,13 +89,35 @@ def save_pruned(
     tokenizer=None,
     overwrite: bool = False,
     record: dict[str, Any] | None = None,
+    reserved: Path | None = None,
+    rescue_dirs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write safetensors, config, tokenizer, plan.json (and the modelling file if shapes vary).
 
     `record` is the plan.json content (see `plan_record`); built from `plan` alone when not given.
+    `reserved`: the temporary directory `io.reserve_dir` created before the work. When writing fails
+    (disk full, I/O error), nothing appears under `out`, and the plan (small) is written to the first of
+    `rescue_dirs`, `out`'s parent, the working directory or the system temp directory that takes it; the
+    `OutputError` says where, so `secateurs apply` can redo the save without redoing the search.
     """
+    if record is None and plan is not None:
+        record = plan.to_dict() | {"versions": versions()}
+    try:
+        _write(model, Path(out), tokenizer, overwrite, record, reserved)
+    except (OSError, SafetensorError) as e:
+        where = _rescue_plan(record, Path(out), rescue_dirs) if record is not None else None
+        hint = (
+            f"; the plan is saved in {where}: `secateurs apply MODEL --plan {where} --out DIR`"
+            if where
+            else ""
+        )
+        raise OutputError(f"cannot save to {out}: {one_line(e)}{hint}") from e
+    return Path(out)
+
+
+def _write(model, out: Path, tokenizer, overwrite: bool, record: dict | None, reserved: Path | None) -> None:
     adapter = adapter_for(model)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, tmp=reserved) as tmp:
         if getattr(model.config, "secateurs", None):
             model.config.auto_map = {
                 "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{adapter.causal_lm_class}",
@@ -106,11 +129,22 @@ def save_pruned(
         _stock_architecture_(tmp / "config.json", adapter)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if record is None and plan is not None:
-            record = plan.to_dict() | {"versions": versions()}
         if record is not None:
             atomic_write_json(tmp / PLAN_FILE, {"schema": SCHEMA} | record)
-    return Path(out)
+
+
+def _rescue_plan(record: dict, out: Path, rescue_dirs: tuple[str | Path, ...]) -> Path | None:
+    """Write plan.json where it fits: it is what an hour of search produced."""
+    import tempfile
+
+    for directory in (*rescue_dirs, out.parent, Path.cwd(), tempfile.gettempdir()):
+        path = Path(directory) / f"{out.name}.{PLAN_FILE}"
+        try:
+            atomic_write_json(path, {"schema": SCHEMA} | record)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 def _stock_architecture_(config_json: Path, adapter: FamilyAdapter) -> None:

@@ -149,6 +149,8 @@ class Plan:
             layers = [LayerPlan(**lp) for lp in d["layers"]]
         except (KeyError, TypeError) as e:
             raise PlanError(f"not a secateurs plan: {e}") from None
+        for i, lp in enumerate(layers):
+            _check_types(lp, i)
         return cls(layers, d.get("method", "manual"), d.get("settings", {}), d.get("seed"), d.get("info", {}))
 
     def save(self, path: str | Path) -> None:
@@ -170,6 +172,27 @@ class Plan:
             {"layer": i, "groups": len(lp.groups(lu.n_groups)), "channels": len(lp.channels(lu.n_channels))}
             for i, (lp, lu) in enumerate(zip(canon.layers, space.layers, strict=True))
         ]
+
+
+def _is_list_of(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, list) and all(isinstance(v, types) and not isinstance(v, bool) for v in value)
+
+
+def _check_types(lp: LayerPlan, i: int) -> None:
+    """A hand-edited or damaged plan.json fails here with the field named, not deep inside surgery."""
+    for name in ("keep_groups", "keep_channels"):
+        value = getattr(lp, name)
+        if value is not None and not _is_list_of(value, (int,)):
+            raise PlanError(
+                f"layer {i} {name} must be a list of unit indices or null (all), got {value!r:.40}"
+            )
+    for name in ("attn_bias", "mlp_bias"):
+        value = getattr(lp, name)
+        if value is not None and not _is_list_of(value, (int, float)):
+            raise PlanError(f"layer {i} {name} must be a list of numbers or null, got {value!r:.40}")
+    for name in ("drop_attn", "drop_mlp"):
+        if not isinstance(getattr(lp, name), bool):
+            raise PlanError(f"layer {i} {name} must be true or false, got {getattr(lp, name)!r:.40}")
 
 
 def _check_indices(idx: list[int], n: int, what: str) -> list[int]:
