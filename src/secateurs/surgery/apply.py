@@ -49,7 +49,8 @@ def _head_rows(groups: list[int], per_group: int, device) -> torch.Tensor:
     ).flatten()
 
 
-def _prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyAdapter) -> None:
+def prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyAdapter) -> None:
+    """Slice one layer's attention to the plan's kept groups (or remove it), in place."""
     if lp.drop_attn:
         setattr(layer, a.attn, SkipAttention())
         return
@@ -66,7 +67,8 @@ def _prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: Family
         _add_bias_(getattr(attn, a.o), lp.attn_bias)
 
 
-def _prune_mlp_(layer: nn.Module, lp: LayerPlan, a: FamilyAdapter) -> None:
+def prune_mlp_(layer: nn.Module, lp: LayerPlan, a: FamilyAdapter) -> None:
+    """Slice one layer's MLP to the plan's kept channels (or remove it), in place."""
     if lp.drop_mlp:
         setattr(layer, a.mlp, SkipMLP())
         return
@@ -118,9 +120,18 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     become `SkipAttention` / `SkipMLP`, layers with both blocks dropped leave the `ModuleList`, bias
     corrections become real biases, and the config is rewritten to match the tensors.
     """
+    space, plan = start_surgery(model, plan)
+    with torch.no_grad():
+        for layer, lp, lu in zip(space.adapter.decoder_layers(model), plan.layers, space.layers, strict=True):
+            prune_attention_(layer, lp, lu, space.adapter)
+            prune_mlp_(layer, lp, space.adapter)
+    return finish_surgery_(model, plan, space)
+
+
+def start_surgery(model: nn.Module, plan: Plan) -> tuple[UnitSpace, Plan]:
+    """The model's unit space and the plan validated against it (before any weight is touched)."""
     space = UnitSpace.from_model(model)
     plan = plan.canonical(space)
-    a = space.adapter
     layer_types = getattr(model.config, "layer_types", None)
     if (
         layer_types
@@ -128,12 +139,15 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
         and any(lp.drop_attn and not lp.drop_mlp for lp in plan.layers)
     ):
         raise PlanError("dropping single attention blocks in a model with mixed layer types is not supported")
+    return space, plan
+
+
+def finish_surgery_(model: nn.Module, plan: Plan, space: UnitSpace) -> nn.Module:
+    """After every layer is sliced: drop the layers the plan removes, renumber the KV-cache indices and
+    rewrite the config to match the tensors. `space` is the model's space before surgery."""
+    a = space.adapter
     native_bias = _native_bias(model, space)
     decoder = a.decoder_layers(model)
-    with torch.no_grad():
-        for layer, lp, lu in zip(decoder, plan.layers, space.layers, strict=True):
-            _prune_attention_(layer, lp, lu, a)
-            _prune_mlp_(layer, lp, a)
     keep = [i for i, lp in enumerate(plan.layers) if not lp.drops_layer]
     if len(keep) < len(decoder):
         parent_name, _, child = a.layers.rpartition(".")
