@@ -43,7 +43,7 @@ def _add_bias_(linear: nn.Linear, correction: list[float]) -> None:
         linear.bias.data.add_(c)
 
 
-def _head_rows(groups: list[int], per_group: int, device) -> torch.Tensor:
+def head_rows(groups: list[int], per_group: int, device) -> torch.Tensor:
     return (
         torch.tensor(groups, device=device)[:, None] * per_group + torch.arange(per_group, device=device)
     ).flatten()
@@ -58,8 +58,8 @@ def prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyA
     g = lu.geometry
     dev = attn.get_submodule(a.q).weight.device
     if lp.keep_groups is not None:
-        q_rows = _head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, dev)
-        kv_rows = _head_rows(lp.keep_groups, g.head_dim, dev)
+        q_rows = head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, dev)
+        kv_rows = head_rows(lp.keep_groups, g.head_dim, dev)
         for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
             setattr(attn, name, _sliced(getattr(attn, name), rows, None))
         setattr(attn, a.o, _sliced(getattr(attn, a.o), None, q_rows))

@@ -1,0 +1,417 @@
+"""Repair after removal: refit each pruned layer's output projections by least squares, layer by layer.
+
+Why: removing heads and channels leaves the kept columns of `o_proj` / `down_proj` weighted for a
+world where the removed ones still contributed. A closed-form refit of those two matrices over the
+kept inputs (ZipLM, OSSCAR, SlimGPT, Tyr-the-Pruner, ...) recovers much of the loss, with forward passes
+only.
+
+The loop (SparseGPT's "layer-wise calibration"), on the dense model, in model order:
+
+1. `H` = the calibration hidden states at the input of layer l, produced by layers 0..l-1 already
+   pruned and repaired (captured once at layer 0, then advanced layer by layer; one layer's activations
+   and `H` are all that live at a time).
+2. Run layer l's dense attention on `H`, streaming the Gram matrix of `o_proj`'s input (all head
+   dimensions, with a ones column) in float64. The target is the dense `o_proj`'s output on these
+   (pruned-stream) inputs: fitting to the dense model's own stream overfits (measured by the issue's
+   reference run), so the target is what the unpruned module would output on the pruned model's inputs.
+   Since the target is `X W^T + b` with X the very inputs, the Gram matrix alone gives every normal
+   equation and every error: no target is stored.
+3. Slice the attention as the plan says and solve, over the kept columns K,
+   `min ||Y - X_K W'^T - b'||^2 + lambda ||W'||^2` (b' = b unless `intercept`), with lambda chosen on
+   held-out calibration windows from `lambdas` x the mean diagonal of the kept Gram block.
+4. Run the repaired attention, stream the Gram matrix of `down_proj`'s input, slice the MLP and solve
+   the same way; then advance `H` through the repaired layer.
+
+`mode="bias"` is FLAP's mean compensation in the same loop: the kept weights stay, and the output bias
+absorbs the removed columns' mean contribution, `W[:, removed] @ mean(X[removed])`, with means from the
+pruned model's own stream. `mode="none"` is plain surgery. Whole removed blocks need no refit; a block
+that keeps everything is untouched.
+
+Memory: one layer's Gram matrices (1537^2 float64 for SmolLM2's MLP) and `H` ([N, T, hidden]) on the
+model's device, never a copy of the model. Cost: three passes of each layer over the calibration windows
+(dense attention, repaired attention + dense MLP, the repaired layer), about three forwards, plus the
+solves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.errors import ConfigError
+from secateurs.progress import progress
+from secateurs.surgery.apply import finish_surgery_, head_rows, prune_attention_, prune_mlp_, start_surgery
+from secateurs.units.plan import LayerPlan, Plan
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "bias", "lstsq")
+# Ridge strengths tried, relative to the mean diagonal of the kept inputs' Gram matrix. 0 is plain least
+# squares (fine when tokens >> kept columns); the larger ones matter when the calibration set is small
+# against the 1,536 unknowns per row of an MLP down projection.
+LAMBDAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+HOLDOUT = 0.25  # share of calibration windows that choose lambda (the fit then uses every window)
+GRAM_DTYPE = torch.float64  # sums of ~1e5-1e6 outer products: float32 loses the small eigenvalues
+SOLVE_JITTER = 1e-10  # x mean diagonal, so that lambda = 0 on a rank-deficient Gram block still solves
+
+
+@dataclass
+class ReconstructConfig:
+    """How pruned layers are repaired (see the module docstring)."""
+
+    mode: str = field(default="lstsq", metadata={"help": "none | bias (FLAP's mean compensation) | lstsq"})
+    intercept: bool = field(
+        default=False, metadata={"help": "lstsq also fits an output bias (budgeted before selection)"}
+    )
+    lambdas: tuple[float, ...] = field(
+        default=LAMBDAS, metadata={"help": "ridge strengths tried, x mean diagonal of the Gram block"}
+    )
+    holdout: float = field(default=HOLDOUT, metadata={"help": "share of windows that choose lambda"})
+    batch_rows: int = field(default=8, metadata={"help": "windows per forward"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"reconstruct must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.lambdas, str):
+            self.lambdas = tuple(float(x) for x in self.lambdas.split(",") if x.strip())
+        if not self.lambdas or any(not (x >= 0 and math.isfinite(x)) for x in self.lambdas):
+            raise ConfigError(f"lambdas must be finite and >= 0, got {self.lambdas}")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"holdout must be in (0, 1), got {self.holdout}")
+
+    @property
+    def adds_biases(self) -> bool:
+        """Whether repaired modules may gain an output bias (which the parameter budget must pay for)."""
+        return self.mode == "bias" or (self.mode == "lstsq" and self.intercept)
+
+
+# -- plain tensor maths ------------------------------------------------------------------------------
+class Gram:
+    """Streamed `sum x~ x~^T` of rows `x~ = [x, 1]` in float64: all a least-squares refit needs."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.g = torch.zeros(dim + 1, dim + 1, dtype=GRAM_DTYPE, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(GRAM_DTYPE)
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=GRAM_DTYPE, device=x.device)], dim=1)
+        self.g += xa.T @ xa
+
+    def __add__(self, other: Gram) -> Gram:
+        out = Gram(self.g.shape[0] - 1, self.g.device)
+        out.g = self.g + other.g
+        return out
+
+    @property
+    def count(self) -> float:
+        return float(self.g[-1, -1])
+
+
+def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[out, in + 1]: the weight with its bias (or zeros) as the last column, float64."""
+    w = weight.detach().to(GRAM_DTYPE)
+    b = torch.zeros(w.shape[0], dtype=GRAM_DTYPE, device=w.device) if bias is None else bias.detach().to(w)
+    return torch.cat([w, b[:, None]], dim=1)
+
+
+def embed(new: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """[out, |keep| + 1] (kept columns, then the bias) -> [out, dim + 1], zeros in removed columns."""
+    out = torch.zeros(new.shape[0], dim + 1, dtype=new.dtype, device=new.device)
+    out[:, keep] = new[:, :-1]
+    out[:, -1] = new[:, -1]
+    return out
+
+
+def sq_error(gram: torch.Tensor, full: torch.Tensor, new: torch.Tensor) -> float:
+    """`sum ||x~ full^T - x~ new^T||^2` over the rows behind `gram` (both [out, dim + 1])."""
+    d = full - new
+    return float(torch.einsum("oi,ij,oj->", d, gram, d))
+
+
+def solve(
+    gram: torch.Tensor, full: torch.Tensor, keep: torch.Tensor, lam: float, intercept: bool
+) -> torch.Tensor:
+    """Least squares over the kept columns: the [out, |keep| + 1] weights (and bias) closest to `full`'s
+    outputs on the rows behind `gram`, with ridge `lam` (absolute) on the weights, never the bias.
+
+    Without `intercept` the bias stays `full`'s (the module's own, or none); with it, it is fitted too.
+    """
+    dim = gram.shape[0] - 1
+    ones = torch.tensor([dim], device=keep.device)
+    free = torch.cat([keep, ones]) if intercept else keep
+    target = full.clone()
+    if not intercept:
+        target[:, -1] = 0  # the kept bias is fixed: fit what remains after it
+    # normal equations: B_F (G_FF + L) = (full - fixed) G_:F, with `fixed` = the bias column if not free
+    rhs = target @ gram[:, free]
+    a = gram[free][:, free].clone()
+    n_weights = keep.numel()
+    scale = float(a.diagonal()[:n_weights].mean()) if n_weights else 1.0
+    a.diagonal()[:n_weights] += lam + SOLVE_JITTER * scale
+    b_free = torch.linalg.solve(a, rhs.T).T
+    out = torch.empty(full.shape[0], n_weights + 1, dtype=full.dtype, device=full.device)
+    out[:, :n_weights] = b_free[:, :n_weights]
+    out[:, -1] = b_free[:, -1] if intercept else full[:, -1]
+    return out
+
+
+def mean_compensation(gram: torch.Tensor, full: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """FLAP's repair: kept weights unchanged, bias += W[:, removed] @ mean(x[removed])."""
+    dim = gram.shape[0] - 1
+    mean = gram[:dim, -1] / gram[-1, -1]
+    removed = torch.ones(dim, dtype=torch.bool, device=keep.device)
+    removed[keep] = False
+    out = torch.cat([full[:, keep], full[:, -1:]], dim=1)
+    out[:, -1] += full[:, :dim][:, removed] @ mean[removed]
+    return out
+
+
+@dataclass
+class Fit:
+    """One module's repair: new weights (and bias) over the kept columns, and what it bought."""
+
+    new: torch.Tensor  # [out, |keep| + 1], float64
+    lam: float  # relative ridge strength chosen (nan for the bias mode)
+    error_before: float  # relative squared error of the plainly sliced module (all calibration rows)
+    error_after: float  # the same for the repaired module (in-sample)
+    heldout_after: float  # held-out relative error of the chosen lambda (nan for the bias mode)
+
+    def record(self) -> dict[str, float | None]:
+        def r(x: float) -> float | None:
+            return None if not math.isfinite(x) else float(f"{x:.5g}")
+
+        return {
+            "lambda": r(self.lam),
+            "error_before": r(self.error_before),
+            "error_after": r(self.error_after),
+            "heldout_error": r(self.heldout_after),
+        }
+
+
+def fit_module(
+    fit_gram: Gram, held_gram: Gram, full: torch.Tensor, keep: torch.Tensor, cfg: ReconstructConfig
+) -> Fit:
+    """Choose lambda on the held-out Gram matrix, refit on all rows, and measure before/after."""
+    everything = (fit_gram + held_gram).g
+    dim = everything.shape[0] - 1
+    energy = max(sq_error(everything, full, torch.zeros_like(full)), 1e-30)
+    plain = torch.cat([full[:, keep], full[:, -1:]], dim=1)
+    before = sq_error(everything, full, embed(plain, keep, dim)) / energy
+    if cfg.mode == "bias":
+        new = mean_compensation(everything, full, keep)
+        return Fit(
+            new, math.nan, before, sq_error(everything, full, embed(new, keep, dim)) / energy, math.nan
+        )
+    scale = float(fit_gram.g.diagonal()[keep].mean()) if keep.numel() else 1.0
+    held_energy = max(sq_error(held_gram.g, full, torch.zeros_like(full)), 1e-30)
+    scores = {}
+    for lam in cfg.lambdas:
+        trial = solve(fit_gram.g, full, keep, lam * scale, cfg.intercept)
+        scores[lam] = sq_error(held_gram.g, full, embed(trial, keep, dim)) / held_energy
+    lam = min(scores, key=lambda x: (scores[x], -x))  # ties: the stronger ridge
+    new = solve(everything, full, keep, lam * float(everything.diagonal()[keep].mean()), cfg.intercept)
+    return Fit(new, lam, before, sq_error(everything, full, embed(new, keep, dim)) / energy, scores[lam])
+
+
+# -- the layer-wise loop -----------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by the capture hook: the decoder's work past the first layers is not needed."""
+
+
+def capture_inputs(
+    model: nn.Module, windows: torch.Tensor, batch_rows: int
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """The hidden states entering layer 0 and the keyword arguments (masks, rotary embeddings) the
+    decoder passes to each layer, per batch of windows.
+
+    Layers of different `layer_types` get different masks, so the kwargs are captured at the first layer
+    of each type (the decoder runs up to the last such layer once); later layers reuse their type's.
+    """
+    a = _adapter(model)
+    layers = a.decoder_layers(model)
+    types = list(getattr(model.config, "layer_types", None) or ["all"] * len(layers))
+    first = {t: types.index(t) for t in dict.fromkeys(types)}
+    last = max(first.values())
+    device = next(model.parameters()).device
+    hidden, kwargs = [], []
+    for s in range(0, windows.shape[0], batch_rows):
+        seen: dict[str, dict] = {}
+        handles = []
+
+        def make(t, i, seen=seen):
+            def hook(_m, args, kw):
+                if i == 0:
+                    hidden.append(args[0] if args else kw["hidden_states"])
+                seen[t] = {k: v for k, v in kw.items() if k != "hidden_states"}
+                if i == last:
+                    raise _Stop
+
+            return hook
+
+        try:
+            for t, i in first.items():
+                handles.append(layers[i].register_forward_pre_hook(make(t, i), with_kwargs=True))
+            with torch.inference_mode():
+                model.get_decoder()(input_ids=windows[s : s + batch_rows].to(device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        kwargs.append({i: seen[t] for i, t in enumerate(types)})
+    return hidden, kwargs
+
+
+def _adapter(model):
+    from secateurs.models.adapters import adapter_for
+
+    return adapter_for(model)
+
+
+@contextmanager
+def _inputs_of(module: nn.Module, grams: list[Gram]) -> Iterator[None]:
+    """While inside, each forward of `module` adds its input to `grams[0]`, the batch's Gram (set by the
+    caller before each batch)."""
+
+    def hook(_m, args):
+        grams[0].update(args[0])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _run_layer(
+    layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], i: int, on_batch=None
+) -> list[torch.Tensor]:
+    out = []
+    for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+        if on_batch is not None:
+            on_batch(b)
+        y = layer(h, **kw[i])
+        out.append(y[0] if isinstance(y, tuple) else y)
+    return out
+
+
+def _collect(layer, module, hidden, kwargs, i, held: set[int]) -> tuple[Gram, Gram]:
+    """Gram matrices of `module`'s input over the fit and held-out batches, from one pass of `layer`."""
+    dim = module.in_features
+    fit, ho = Gram(dim, module.weight.device), Gram(dim, module.weight.device)
+    current: list[Gram] = [fit]
+
+    def choose(b):
+        current[0] = ho if b in held else fit
+
+    with torch.inference_mode(), _inputs_of(module, current):
+        _run_layer(layer, hidden, kwargs, i, choose)
+    return fit, ho
+
+
+def _set_linear_(linear: nn.Linear, new: torch.Tensor, with_bias: bool) -> nn.Linear:
+    """A fresh Linear with weights `new[:, :-1]` (and bias `new[:, -1]` when `with_bias`)."""
+    w = linear.weight
+    out = nn.Linear(new.shape[1] - 1, new.shape[0], bias=with_bias, device=w.device, dtype=w.dtype)
+    out.weight.data.copy_(new[:, :-1].to(w.dtype))
+    if with_bias:
+        out.bias.data.copy_(new[:, -1].to(w.dtype))
+    return out
+
+
+def reconstruct_(
+    model: nn.Module, plan: Plan, calib: torch.Tensor, config: ReconstructConfig | None = None
+) -> dict[str, Any]:
+    """Apply `plan` to the dense `model` in place, repairing each pruned layer as it goes (see the module
+    docstring); returns the per-layer record (lambda, relative errors before/after) for plan.json.
+
+    `calib` [N, T] are the repair's own calibration windows (`--reconstruct-nsamples/-seq-len`). The
+    model must be the dense one the plan was made for: its layers' unpruned weights are read in place,
+    one layer at a time, before that layer is sliced, so no copy of the model is made.
+    """
+    cfg = config or ReconstructConfig()
+    space, plan = start_surgery(model, plan)
+    a = space.adapter
+    if cfg.mode == "none":
+        from secateurs.surgery.apply import apply_plan_
+
+        apply_plan_(model, plan)
+        return {"mode": "none"}
+    plan = _without_biases(plan)  # the repair replaces a method's own corrections
+    n_batches = math.ceil(calib.shape[0] / cfg.batch_rows)
+    held = (
+        set(range(n_batches - max(1, round(cfg.holdout * n_batches)), n_batches)) if n_batches > 1 else set()
+    )
+    if not held:
+        raise ConfigError("reconstruction needs at least 2 batches of calibration windows (one held out)")
+    layers_record = []
+    hidden, kwargs = capture_inputs(model, calib, cfg.batch_rows)
+    decoder = a.decoder_layers(model)
+    # Passes run under inference_mode; the surgery between them under no_grad, so the new parameters
+    # are ordinary tensors (inference tensors could not be used outside inference mode later).
+    with torch.no_grad():
+        for i in progress(range(space.n_layers), desc=f"reconstruct ({cfg.mode})", unit="layer"):
+            record = _repair_layer_(
+                decoder[i], plan.layers[i], space.layers[i], a, hidden, kwargs, i, held, cfg
+            )
+            with torch.inference_mode():
+                hidden = _run_layer(decoder[i], hidden, kwargs, i)
+            layers_record.append({"layer": i, **record})
+    finish_surgery_(model, plan, space)
+    return {
+        "mode": cfg.mode,
+        "intercept": cfg.intercept,
+        "windows": int(calib.shape[0]),
+        "seq_len": int(calib.shape[1]),
+        "heldout_batches": len(held),
+        "layers": layers_record,
+    }
+
+
+def _without_biases(plan: Plan) -> Plan:
+    layers = [LayerPlan(lp.keep_groups, lp.keep_channels, lp.drop_attn, lp.drop_mlp) for lp in plan.layers]
+    return Plan(layers, plan.method, plan.settings, plan.seed, plan.info)
+
+
+def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) -> dict[str, Any]:
+    """Attention first (its repaired output feeds the MLP's inputs), then the MLP."""
+    record: dict[str, Any] = {}
+    g = lu.geometry
+    if lp.keep_groups is not None and not lp.drop_attn:
+        o = a.attn_linears(layer)[3]
+        fit, ho = _collect(layer, o, hidden, kwargs, i, held)
+        full = augmented(o.weight, o.bias)
+        keep = head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, o.weight.device)
+        result = fit_module(fit, ho, full, keep, cfg)
+        prune_attention_(layer, lp, lu, a)
+        attn = a.attention(layer)
+        setattr(
+            attn, a.o, _set_linear_(getattr(attn, a.o), result.new, o.bias is not None or cfg.adds_biases)
+        )
+        record["attn"] = result.record()
+    else:
+        prune_attention_(layer, lp, lu, a)
+    if lp.keep_channels is not None and not lp.drop_mlp:
+        down = a.mlp_linears(layer)[2]
+        fit, ho = _collect(layer, down, hidden, kwargs, i, held)
+        full = augmented(down.weight, down.bias)
+        keep = torch.tensor(lp.keep_channels, device=down.weight.device)
+        result = fit_module(fit, ho, full, keep, cfg)
+        prune_mlp_(layer, lp, a)
+        mlp = a.mlp_module(layer)
+        setattr(
+            mlp,
+            a.down,
+            _set_linear_(getattr(mlp, a.down), result.new, down.bias is not None or cfg.adds_biases),
+        )
+        record["mlp"] = result.record()
+    else:
+        prune_mlp_(layer, lp, a)
+    return record
