@@ -15,6 +15,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from secateurs.errors import ConfigError, SecateursError
@@ -210,6 +211,7 @@ def cmd_prune(args) -> int:
     from secateurs.io import reserved_dir
     from secateurs.methods import get_method
     from secateurs.pipeline import DataConfig, run_prune
+    from secateurs.surgery.reconstruct import ReconstructConfig
     from secateurs.units.space import SPARSITY_DEFINITION
 
     values = vars(args)
@@ -222,6 +224,7 @@ def cmd_prune(args) -> int:
         )
     config = _build(method_cls.config_class, values)  # validates sparsity etc. before loading anything
     data = _build(DataConfig, values)
+    repair = _build(ReconstructConfig, values)
     with reserved_dir(args.out, args.overwrite) as reserved:  # an unwritable --out fails before the load
         model, tok, name = _load(args)
         res = run_prune(
@@ -236,6 +239,7 @@ def cmd_prune(args) -> int:
             evaluate=not args.no_eval,
             batch_size=args.batch_size,
             reserved=reserved,
+            repair=repair,
         )
     _print_summary(res.record, args.out)
     print(SPARSITY_DEFINITION)
@@ -306,26 +310,42 @@ def _print_summary(record: dict, out) -> None:
 
 def cmd_apply(args) -> int:
     from secateurs.io import reserved_dir
-    from secateurs.surgery.apply import apply_plan_
+    from secateurs.pipeline import DataConfig, run_repair
+    from secateurs.surgery.reconstruct import ReconstructConfig
     from secateurs.surgery.saving import plan_record, save_pruned
     from secateurs.units.plan import Plan
     from secateurs.units.space import UnitSpace, count_parameters
 
     plan = Plan.load(args.plan)
+    recorded = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+    repair = _build(ReconstructConfig, _recorded_repair(recorded) | vars(args))
+    data = _build(DataConfig, _recorded_calib(recorded) | vars(args))
     with reserved_dir(args.out, args.overwrite) as reserved:
         model, tok, _ = _load(args)
         space = UnitSpace.from_model(model)
         plan = plan.canonical(space)  # a plan for another model fails here, before anything is written
         dense_params = count_parameters(model)
-        apply_plan_(model, plan)
-        record = plan_record(plan, dense_params, space.total_cost, model)
+        repaired = run_repair(model, plan, tok, data, repair, args.batch_size)
+        record = plan_record(plan, dense_params, space.total_cost, model) | {"reconstruct": repaired}
         save_pruned(model, args.out, plan, tok, overwrite=args.overwrite, record=record, reserved=reserved)
     p = record["parameters"]
     print(
-        f"applied {args.plan} ({plan.method}): sparsity {p['sparsity']:.2%} of attn+MLP, "
-        f"{p['total_removed_share']:.2%} of all parameters; saved to {args.out}"
+        f"applied {args.plan} ({plan.method}, repair {repair.reconstruct}): sparsity {p['sparsity']:.2%} of "
+        f"attn+MLP, {p['total_removed_share']:.2%} of all parameters; saved to {args.out}"
     )
     return 0
+
+
+def _recorded_repair(recorded: dict) -> dict[str, Any]:
+    """The repair settings a plan.json records (none before secateurs recorded them: the defaults)."""
+    settings = (recorded.get("reconstruct") or {}).get("settings") or {}
+    return dict(settings)
+
+
+def _recorded_calib(recorded: dict) -> dict[str, Any]:
+    """The calibration text a plan.json's run used, so `apply` refits on the same windows."""
+    data = (recorded.get("report") or {}).get("data") or {}
+    return {k: data[k] for k in ("calib", "text_field", "seed", "nsamples", "seq_len") if k in data}
 
 
 def cmd_compare(args) -> int:
@@ -390,7 +410,11 @@ def _add_prune(sub: Any, method: str | None) -> None:
         "--method", default=DEFAULT_METHOD, help=f"a registered method (default: {DEFAULT_METHOD})"
     )
     pr.add_argument("--out", default=None, help="output directory (written atomically)")
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and start over an existing --checkpoint-dir")
+    pr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out and start over an existing --checkpoint-dir",
+    )
     pr.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     pr.add_argument("--json", action="store_true", help="also print the record as JSON")
     _setup_common(pr)
@@ -402,6 +426,7 @@ def _add_prune(sub: Any, method: str | None) -> None:
     data = pr.add_argument_group("calibration and evaluation text")
     for name in _field_names(DataConfig, skip=("seed",)):  # seed: the shared one seeds both
         _add_field(data, DataConfig, name)
+    _add_repair_group(pr)
     _add_method_groups(pr, chosen, all_shown=method is None)
     pr.set_defaults(func=cmd_prune)
 
@@ -479,13 +504,30 @@ def _add_bench(sub: Any) -> None:
     be.set_defaults(func=cmd_bench)
 
 
+def _add_repair_group(parser: argparse.ArgumentParser) -> None:
+    from secateurs.surgery.reconstruct import ReconstructConfig
+
+    group = parser.add_argument_group("repair after removal (surgery.reconstruct)")
+    for name in _field_names(ReconstructConfig):
+        _add_field(group, ReconstructConfig, name)
+
+
 def _add_apply(sub: Any) -> None:
-    ap = sub.add_parser("apply", help="apply a saved plan.json to a model and save the result")
+    from secateurs.pipeline import DataConfig
+
+    ap = sub.add_parser(
+        "apply",
+        help="apply a saved plan.json to a model and save the result",
+        description="The repair settings and calibration text default to those plan.json records.",
+    )
     ap.add_argument("model")
     ap.add_argument("--plan", required=True, help="plan.json written by a previous prune")
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
     _setup_common(ap)
+    for name in ("calib", "text_field", "seed", "nsamples", "seq_len"):  # the repair's windows
+        _add_field(ap, DataConfig, name)
+    _add_repair_group(ap)
     ap.set_defaults(func=cmd_apply)
 
 
@@ -533,15 +575,21 @@ def _add_prune_settings(group: Any) -> None:
     from secateurs.methods import REGISTRY
     from secateurs.methods.base import MethodConfig
     from secateurs.pipeline import DataConfig
+    from secateurs.surgery.reconstruct import ReconstructConfig
 
-    classes = [MethodConfig, DataConfig, *(REGISTRY[n].config_class for n in sorted(REGISTRY))]
+    classes = [
+        MethodConfig,
+        DataConfig,
+        ReconstructConfig,
+        *(REGISTRY[n].config_class for n in sorted(REGISTRY)),
+    ]
     names = setting_names()
     for cls in classes:
         for name in _field_names(cls):
             if name not in names:
                 continue
             names.discard(name)
-            values = {_show_default(_defaults(c)[name]) for c in classes[2:] if name in _field_names(c)} or {
+            values = {_show_default(_defaults(c)[name]) for c in classes[3:] if name in _field_names(c)} or {
                 _show_default(_defaults(cls)[name])
             }
             shown = values.pop() if len(values) == 1 else "each method's own"

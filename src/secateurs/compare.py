@@ -35,6 +35,7 @@ from secateurs.errors import ConfigError, SecateursError
 from secateurs.io import atomic_write, atomic_write_json, source_digest
 from secateurs.methods.base import MethodConfig
 from secateurs.pipeline import DataConfig, library_versions, model_fingerprint, prune_sources
+from secateurs.surgery.reconstruct import ReconstructConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def setting_names() -> set[str]:
     axis)."""
     from secateurs.methods import REGISTRY
 
-    classes = {DataConfig, MethodConfig, *(c.config_class for c in REGISTRY.values())}
+    classes = {DataConfig, MethodConfig, ReconstructConfig, *(c.config_class for c in REGISTRY.values())}
     return {f.name for c in classes for f in dataclasses.fields(c)} - {"sparsity"}
 
 
@@ -141,16 +142,20 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _configs(job: Job) -> tuple[MethodConfig, DataConfig]:
+def _configs(job: Job) -> tuple[MethodConfig, DataConfig, ReconstructConfig]:
     """The dataclasses a run builds from its settings, each taking the ones it has (`seed` goes to
-    both); building them in the parent validates every run before any process starts."""
+    the method and the data); building them in the parent validates every run before any process
+    starts."""
     from secateurs.methods import get_method
 
     cls = get_method(job.method).config_class
-    own = {f.name for f in dataclasses.fields(cls)}
-    data = {f.name for f in dataclasses.fields(DataConfig)}
-    config = cls(**{k: v for k, v in job.settings.items() if k in own}, sparsity=job.sparsity)
-    return config, DataConfig(**{k: v for k, v in job.settings.items() if k in data})
+
+    def of(c):
+        names = {f.name for f in dataclasses.fields(c)}
+        return {k: v for k, v in job.settings.items() if k in names}
+
+    config = cls(**of(cls), sparsity=job.sparsity)
+    return config, DataConfig(**of(DataConfig)), ReconstructConfig(**of(ReconstructConfig))
 
 
 def cache_key(cfg: CompareConfig, job: Job, weights: str) -> dict[str, Any]:
@@ -158,7 +163,7 @@ def cache_key(cfg: CompareConfig, job: Job, weights: str) -> dict[str, Any]:
     `model_fingerprint`, computed once per comparison."""
     from secateurs.models.loading import resolve_device, resolve_dtype
 
-    config, data = _configs(job)
+    config, data, repair = _configs(job)
     device = resolve_device(cfg.device)
     return {
         "model": weights,
@@ -169,6 +174,7 @@ def cache_key(cfg: CompareConfig, job: Job, weights: str) -> dict[str, Any]:
         "settings": _jsonable(job.settings),
         "config": _jsonable(dataclasses.asdict(config)),
         "data": _jsonable(dataclasses.asdict(data)),
+        "repair": _jsonable(repair.to_dict()),
         "device": str(device),
         "dtype": str(resolve_dtype(cfg.dtype, device)),
         "batch_size": cfg.batch_size,
@@ -188,7 +194,7 @@ def _prune_in_child(payload: dict[str, Any], conn) -> None:
         from secateurs.pipeline import run_prune
 
         job = Job(payload["method"], payload["sparsity"], payload["settings"])
-        config, data = _configs(job)
+        config, data, repair = _configs(job)
         model, tok = load_model(payload["model"], device=payload["device"], dtype=payload["dtype"])
         res = run_prune(
             model,
@@ -199,6 +205,7 @@ def _prune_in_child(payload: dict[str, Any], conn) -> None:
             model_id(payload["model"]),
             evaluate=payload["evaluate"],
             batch_size=payload["batch_size"],
+            repair=repair,
         )
         conn.send(("ok", _jsonable(res.record["parameters"] | {"report": res.record["report"]})))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent as one line
@@ -271,6 +278,8 @@ def _row(job: Job, r: dict[str, Any]) -> dict[str, Any]:
         "eval_tokens": pruned.get("tokens"),
         "eval_seq_len": pruned.get("seq_len"),
         "shapes": rep.get("shapes"),
+        "reconstruct": (rep.get("reconstruct") or {}).get("mode"),
+        "reconstruct_s": (rep.get("reconstruct") or {}).get("time_s"),
     }
 
 

@@ -5,6 +5,7 @@ The CLI is a thin layer over `run_prune`; library users can call it, or the piec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,11 +26,14 @@ from secateurs.io import atomic_write_json, check_free_space, file_digest, reser
 from secateurs.methods.base import MethodConfig, get_method
 from secateurs.scoring.select import check_reachable, target_params
 from secateurs.surgery.apply import apply_plan_
+from secateurs.surgery.reconstruct import ReconstructConfig, bias_budget, reconstruct_
 from secateurs.surgery.saving import plan_record, save_pruned
 from secateurs.units.plan import Plan
 from secateurs.units.space import SPARSITY_DEFINITION, UnitSpace, count_parameters
 
 log = logging.getLogger(__name__)
+
+MAX_SPARSITY = 0.999  # a bias budget may raise a method's target, never to "remove everything"
 
 
 @dataclass
@@ -237,16 +241,21 @@ def run_prune(
     evaluate: bool = True,
     batch_size: int = 8,
     reserved: Path | None = None,
+    repair: ReconstructConfig | None = None,
 ) -> PruneResult:
     """Prune `model` in place with `method` and write the result to `out` (atomically) if given.
 
     The output is checked before any work (`io.reserved_dir`, unless the caller reserved it already,
     and the free space for the pruned model); a failed save keeps the plan (see `save_pruned`).
+    `repair` (default: `ReconstructConfig()`, least squares) runs after the method, on its own
+    calibration windows, as part of surgery.
     """
+    repair = repair or ReconstructConfig()
     with reserved_dir(out, overwrite, reserved) as reserved:
         return _run_prune(
-            model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved
-        )
+            model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved,
+            repair,
+        )  # fmt: skip
 
 
 def _pruned_bytes(model: nn.Module, space: UnitSpace, sparsity: float) -> int:
@@ -255,8 +264,51 @@ def _pruned_bytes(model: nn.Module, space: UnitSpace, sparsity: float) -> int:
     return (count_parameters(model) - target_params(space, sparsity)) * element
 
 
+def repair_windows(tokenizer, data: DataConfig, repair: ReconstructConfig) -> torch.Tensor:
+    """The repair's own calibration windows: the calibration text's, at the repair's count and length
+    (by default the method's, so the same windows), so a larger fit never changes a method's search
+    budget."""
+    docs = load_documents(data.calib, "calib", data.text_field)
+    n = repair.reconstruct_nsamples or data.nsamples
+    return sample_windows(tokenizer, docs, n, repair.reconstruct_seq_len or data.seq_len, data.seed)
+
+
+def paying_for_repair(config: MethodConfig, space: UnitSpace, repair: ReconstructConfig) -> MethodConfig:
+    """A repair that adds output biases (`bias`, or `lstsq` with an intercept) costs parameters: the
+    method is asked to remove that much more, so the target still holds after the repair."""
+    if not repair.adds_biases:
+        return config
+    target = target_params(space, config.sparsity) + bias_budget(space)
+    return dataclasses.replace(config, sparsity=min(target / space.total_cost, MAX_SPARSITY))
+
+
+def run_repair(
+    model: nn.Module, plan: Plan, tokenizer, data: DataConfig, repair: ReconstructConfig, batch_size: int
+) -> dict[str, Any]:
+    """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time)."""
+    windows = repair_windows(tokenizer, data, repair) if repair.reconstruct != "none" else None
+    with measure() as m:
+        if windows is None:
+            apply_plan_(model, plan)
+            record: dict[str, Any] = {"mode": "none"}
+        else:
+            record = reconstruct_(model, plan, windows, repair, batch_rows=batch_size)
+    record |= {"settings": _plain(repair.to_dict()), "time_s": round(m.seconds, 2)}
+    if windows is not None:
+        record["calib"] = {"source": data.calib, "seed": data.seed, "windows": _windows_digest(windows)}
+    return record
+
+
+def _windows_digest(windows: torch.Tensor) -> str:
+    return hashlib.sha1(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
 def _run_prune(
-    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved
+    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair
 ) -> PruneResult:
     data.check_context(model)
     checkpoint = getattr(config, "checkpoint_dir", None)
@@ -270,8 +322,9 @@ def _run_prune(
     ev, ev_fp = evaluation_windows(tokenizer, data) if evaluate else (None, None)
     report: dict[str, Any] = {"model": model_name, "data": asdict(data), "split": data.describe()}
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
+    target = target_params(space, config.sparsity)
     with measure() as m:
-        plan = make_plan(model, method, config, calib)
+        plan = make_plan(model, method, paying_for_repair(config, space, repair), calib)
     report["method_time_s"], report["method_peak_rss_mb"] = m.seconds, m.peak_rss_mb
     if m.cuda_peak_mb is not None:
         report["method_cuda_peak_mb"] = m.cuda_peak_mb
@@ -291,10 +344,14 @@ def _run_prune(
             "device": weights.device.type,  # CUDA kernels give slightly different figures than CPU ones
         }
         report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
-    apply_plan_(model, plan)
+    report["reconstruct"] = run_repair(model, plan, tokenizer, data, repair, batch_size)
+    removed = dense_prunable - UnitSpace.from_model(model).total_cost
+    if removed < target:  # never silently: the repair's biases were budgeted before selection
+        raise ConfigError(f"the repaired model removes {removed} parameters, short of the target {target}")
     if evaluate:
         report["pruned_eval"] = perplexity(model, ev, batch_size)
     record = plan_record(plan, dense_params, dense_prunable, model)
+    record["reconstruct"] = report["reconstruct"]
     record["report"] = report
     record["sparsity_definition"] = SPARSITY_DEFINITION
     if out is not None:

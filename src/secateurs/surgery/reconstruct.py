@@ -39,7 +39,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from secateurs.errors import ConfigError
 from secateurs.progress import progress
 from secateurs.surgery.apply import finish_surgery_, head_rows, prune_attention_, prune_mlp_, start_surgery
 from secateurs.units.plan import LayerPlan, Plan
+from secateurs.units.space import UnitSpace
 
 log = logging.getLogger(__name__)
 
@@ -58,38 +59,87 @@ MODES = ("none", "bias", "lstsq")
 # against the 1,536 unknowns per row of an MLP down projection.
 LAMBDAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 HOLDOUT = 0.25  # share of calibration windows that choose lambda (the fit then uses every window)
+MIN_BATCHES = 4  # batches of windows in the repair's passes; the held-out share is whole batches
 GRAM_DTYPE = torch.float64  # sums of ~1e5-1e6 outer products: float32 loses the small eigenvalues
 SOLVE_JITTER = 1e-10  # x mean diagonal, so that lambda = 0 on a rank-deficient Gram block still solves
 
 
 @dataclass
 class ReconstructConfig:
-    """How pruned layers are repaired (see the module docstring)."""
+    """How pruned layers are repaired (see the module docstring). Field names carry the `reconstruct`
+    prefix because they are CLI options beside every method's own (`--reconstruct-nsamples`)."""
 
-    mode: str = field(default="lstsq", metadata={"help": "none | bias (FLAP's mean compensation) | lstsq"})
-    intercept: bool = field(
+    reconstruct: str = field(
+        default="lstsq",
+        metadata={"help": "repair after removal: none | bias (FLAP's mean compensation) | lstsq"},
+    )
+    reconstruct_intercept: bool = field(
         default=False, metadata={"help": "lstsq also fits an output bias (budgeted before selection)"}
     )
-    lambdas: tuple[float, ...] = field(
+    reconstruct_nsamples: int = field(
+        default=0, metadata={"help": "calibration windows of the repair (0: the method's, --nsamples)"}
+    )
+    reconstruct_seq_len: int = field(default=0, metadata={"help": "their length (0: --seq-len)"})
+    reconstruct_lambdas: tuple[float, ...] = field(
         default=LAMBDAS, metadata={"help": "ridge strengths tried, x mean diagonal of the Gram block"}
     )
-    holdout: float = field(default=HOLDOUT, metadata={"help": "share of windows that choose lambda"})
-    batch_rows: int = field(default=8, metadata={"help": "windows per forward"})
+    reconstruct_holdout: float = field(
+        default=HOLDOUT, metadata={"help": "share of windows that choose lambda"}
+    )
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"reconstruct must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if isinstance(self.lambdas, str):
-            self.lambdas = tuple(float(x) for x in self.lambdas.split(",") if x.strip())
-        if not self.lambdas or any(not (x >= 0 and math.isfinite(x)) for x in self.lambdas):
-            raise ConfigError(f"lambdas must be finite and >= 0, got {self.lambdas}")
-        if not 0 < self.holdout < 1:
-            raise ConfigError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.reconstruct not in MODES:
+            raise ConfigError(f"reconstruct must be one of {', '.join(MODES)}, got {self.reconstruct!r}")
+        if isinstance(self.reconstruct_lambdas, str):
+            self.reconstruct_lambdas = tuple(
+                float(x) for x in self.reconstruct_lambdas.split(",") if x.strip()
+            )
+        self.reconstruct_lambdas = tuple(float(x) for x in self.reconstruct_lambdas)
+        if not self.reconstruct_lambdas or any(
+            not (x >= 0 and math.isfinite(x)) for x in self.reconstruct_lambdas
+        ):
+            raise ConfigError(f"reconstruct lambdas must be finite and >= 0, got {self.reconstruct_lambdas}")
+        if not 0 < self.reconstruct_holdout < 1:
+            raise ConfigError(f"reconstruct holdout must be in (0, 1), got {self.reconstruct_holdout}")
+        if (
+            self.reconstruct_nsamples in (1,)
+            or self.reconstruct_nsamples < 0
+            or self.reconstruct_seq_len in (1,)
+            or self.reconstruct_seq_len < 0
+        ):
+            raise ConfigError(
+                "reconstruct needs at least 2 windows of at least 2 tokens (0: as the calibration)"
+            )
+
+    @property
+    def mode(self) -> str:
+        return self.reconstruct
+
+    @property
+    def intercept(self) -> bool:
+        return self.reconstruct_intercept
+
+    @property
+    def lambdas(self) -> tuple[float, ...]:
+        return self.reconstruct_lambdas
+
+    @property
+    def holdout(self) -> float:
+        return self.reconstruct_holdout
 
     @property
     def adds_biases(self) -> bool:
         """Whether repaired modules may gain an output bias (which the parameter budget must pay for)."""
         return self.mode == "bias" or (self.mode == "lstsq" and self.intercept)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def bias_budget(space: UnitSpace) -> int:
+    """Parameters a repair that adds output biases may add at most: one per block that has none. A
+    method asked to remove this much more still meets its target after the repair."""
+    return sum(space.hidden_size * ((lu.attn_fixed == 0) + (lu.mlp_fixed == 0)) for lu in space.layers)
 
 
 # -- plain tensor maths ------------------------------------------------------------------------------
@@ -327,7 +377,11 @@ def _set_linear_(linear: nn.Linear, new: torch.Tensor, with_bias: bool) -> nn.Li
 
 
 def reconstruct_(
-    model: nn.Module, plan: Plan, calib: torch.Tensor, config: ReconstructConfig | None = None
+    model: nn.Module,
+    plan: Plan,
+    calib: torch.Tensor,
+    config: ReconstructConfig | None = None,
+    batch_rows: int = 8,
 ) -> dict[str, Any]:
     """Apply `plan` to the dense `model` in place, repairing each pruned layer as it goes (see the module
     docstring); returns the per-layer record (lambda, relative errors before/after) for plan.json.
@@ -345,14 +399,13 @@ def reconstruct_(
         apply_plan_(model, plan)
         return {"mode": "none"}
     plan = _without_biases(plan)  # the repair replaces a method's own corrections
-    n_batches = math.ceil(calib.shape[0] / cfg.batch_rows)
-    held = (
-        set(range(n_batches - max(1, round(cfg.holdout * n_batches)), n_batches)) if n_batches > 1 else set()
-    )
-    if not held:
-        raise ConfigError("reconstruction needs at least 2 batches of calibration windows (one held out)")
+    if calib.shape[0] < 2:
+        raise ConfigError("reconstruction needs at least 2 calibration windows (some are held out)")
+    batch_rows = min(batch_rows, calib.shape[0] // min(MIN_BATCHES, calib.shape[0]))  # batches to hold out
+    n_batches = math.ceil(calib.shape[0] / batch_rows)
+    held = set(range(n_batches - max(1, round(cfg.holdout * n_batches)), n_batches))
     layers_record = []
-    hidden, kwargs = capture_inputs(model, calib, cfg.batch_rows)
+    hidden, kwargs = capture_inputs(model, calib, batch_rows)
     decoder = a.decoder_layers(model)
     # Passes run under inference_mode; the surgery between them under no_grad, so the new parameters
     # are ordinary tensors (inference tensors could not be used outside inference mode later).
