@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import secateurs
+from helpers_cli import small
 from secateurs.surgery.reconstruct import (
     Gram,
     ReconstructConfig,
@@ -152,18 +153,7 @@ def test_lstsq_repairs_a_pruned_model_better_than_slicing():
     assert abs(loss(repaired) - dense) < abs(loss(plain) - dense)
 
 
-SMALL = [
-    "--nsamples",
-    "8",
-    "--seq-len",
-    "16",
-    "--eval-seq-len",
-    "16",
-    "--eval-tokens",
-    "64",
-    "--device",
-    "cpu",
-]
+SMALL = small(nsamples=8)
 
 
 @pytest.mark.parametrize("mode", ["none", "bias", "lstsq"])

@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers_cli import small
 from secateurs.cli import main
 
-SMALL = [
-    "--nsamples",
-    "4",
-    "--seq-len",
-    "16",
-    "--eval-seq-len",
-    "16",
-    "--eval-tokens",
-    "64",
-    "--device",
-    "cpu",
-]
+SMALL = small(nsamples=4)
 
 
 def _one_line(capsys, *needles) -> str:
