@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from secateurs.models.loading import load_model
 from secateurs.surgery.apply import apply_plan_
+from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
 from secateurs.surgery.saving import load_pruned as load
 from secateurs.surgery.saving import save_pruned as save
 from secateurs.units import Masks, Plan, UnitSpace, masked
@@ -32,4 +33,16 @@ def plan(model, method: str, calib, **settings) -> Plan:
     return make_plan(model, method, get_method(method).config_class(**settings), calib)
 
 
-__all__ = ["Masks", "Plan", "UnitSpace", "apply_plan_", "load", "load_model", "masked", "plan", "save"]
+__all__ = [
+    "Masks",
+    "Plan",
+    "ReconstructConfig",
+    "UnitSpace",
+    "apply_plan_",
+    "load",
+    "load_model",
+    "masked",
+    "plan",
+    "reconstruct_",
+    "save",
+]
