@@ -5,6 +5,7 @@ The CLI is a thin layer over `run_prune`; library users can call it, or the piec
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -307,22 +308,37 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _run_prune(
-    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair
-) -> PruneResult:
-    data.check_context(model)
-    checkpoint = getattr(config, "checkpoint_dir", None)
-    if overwrite and checkpoint and not getattr(config, "resume", False):
-        clear_state(checkpoint)  # --overwrite starts a run over, its checkpoint included
+@dataclass
+class Search:
+    """What the method found and what surrounds it: everything a repair and an evaluation reuse, so
+    `compare` can finish one search with several repairs (`run_prune_modes`)."""
+
+    plan: Plan
+    report: dict[str, Any]
+    space: UnitSpace  # the dense model's
+    dense_params: int
+    target: int
+    eval_windows: torch.Tensor | None
+
+
+def search(
+    model,
+    tokenizer,
+    method,
+    config,
+    data,
+    model_name,
+    repair: ReconstructConfig,
+    evaluate: bool,
+    batch_size: int,
+) -> Search:
+    """The method's plan (the model comes back unchanged) and the dense evaluation (cached)."""
     space = UnitSpace.from_model(model)
-    if out is not None:
-        check_free_space(Path(out).parent, _pruned_bytes(model, space, config.sparsity))
-    dense_params, dense_prunable = count_parameters(model), space.total_cost
+    dense_params = count_parameters(model)
     calib = calibration_windows(tokenizer, data)
     ev, ev_fp = evaluation_windows(tokenizer, data) if evaluate else (None, None)
     report: dict[str, Any] = {"model": model_name, "data": asdict(data), "split": data.describe()}
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
-    target = target_params(space, config.sparsity)
     with measure() as m:
         plan = make_plan(model, method, paying_for_repair(config, space, repair), calib)
     report["method_time_s"], report["method_peak_rss_mb"] = m.seconds, m.peak_rss_mb
@@ -344,19 +360,68 @@ def _run_prune(
             "device": weights.device.type,  # CUDA kernels give slightly different figures than CPU ones
         }
         report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
-    report["reconstruct"] = run_repair(model, plan, tokenizer, data, repair, batch_size)
-    removed = dense_prunable - UnitSpace.from_model(model).total_cost
-    if removed < target:  # never silently: the repair's biases were budgeted before selection
-        raise ConfigError(f"the repaired model removes {removed} parameters, short of the target {target}")
-    if evaluate:
-        report["pruned_eval"] = perplexity(model, ev, batch_size)
-    record = plan_record(plan, dense_params, dense_prunable, model)
+    return Search(plan, report, space, dense_params, target_params(space, config.sparsity), ev)
+
+
+def finish(
+    model, tokenizer, found: Search, data, repair: ReconstructConfig, batch_size: int
+) -> dict[str, Any]:
+    """Surgery with the repair on the dense `model`, the pruned evaluation, and the plan.json record."""
+    report = dict(found.report)
+    report["reconstruct"] = run_repair(model, found.plan, tokenizer, data, repair, batch_size)
+    removed = found.space.total_cost - UnitSpace.from_model(model).total_cost
+    if removed < found.target:  # never silently: the repair's biases were budgeted before selection
+        raise ConfigError(
+            f"the repaired model removes {removed} parameters, short of the target {found.target}"
+        )
+    if found.eval_windows is not None:
+        report["pruned_eval"] = perplexity(model, found.eval_windows, batch_size)
+    record = plan_record(found.plan, found.dense_params, found.space.total_cost, model)
     record["reconstruct"] = report["reconstruct"]
     record["report"] = report
     record["sparsity_definition"] = SPARSITY_DEFINITION
+    return record
+
+
+def run_prune_modes(
+    model,
+    tokenizer,
+    method,
+    config,
+    data,
+    model_name,
+    repairs: list[ReconstructConfig],
+    evaluate=True,
+    batch_size=8,
+) -> list[dict[str, Any]]:
+    """One search finished with each repair in turn (each on a copy of the dense model but the last):
+    the records `run_prune` would give, at the cost of one search. The repairs must agree on whether
+    they add biases (the search budgets for them)."""
+    if len({r.adds_biases for r in repairs}) > 1:
+        raise ConfigError("repairs that add biases and repairs that do not need separate searches")
+    found = search(model, tokenizer, method, config, data, model_name, repairs[0], evaluate, batch_size)
+    records = []
+    for i, repair in enumerate(repairs):
+        target = model if i == len(repairs) - 1 else copy.deepcopy(model)
+        records.append(finish(target, tokenizer, found, data, repair, batch_size))
+    return records
+
+
+def _run_prune(
+    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair
+) -> PruneResult:
+    data.check_context(model)
+    checkpoint = getattr(config, "checkpoint_dir", None)
+    if overwrite and checkpoint and not getattr(config, "resume", False):
+        clear_state(checkpoint)  # --overwrite starts a run over, its checkpoint included
+    if out is not None:
+        space = UnitSpace.from_model(model)
+        check_free_space(Path(out).parent, _pruned_bytes(model, space, config.sparsity))
+    found = search(model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size)
+    record = finish(model, tokenizer, found, data, repair, batch_size)
     if out is not None:
         save_pruned(
-            model, out, plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
+            model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
             rescue_dirs=(checkpoint,) if checkpoint else (),
         )  # fmt: skip
-    return PruneResult(plan, record, model)
+    return PruneResult(found.plan, record, model)
