@@ -153,3 +153,23 @@ def test_each_run_is_a_spawned_process_calling_run_prune(tiny_dir, tmp_path, cap
     assert [r["eval_tokens"] for r in rows] == [256, 512]
     assert all(r["peak_rss_mb"] > 0 and r["ppl"] > 0 for r in rows)
     assert "| random | 30% | eval_tokens=512 |" in capsys.readouterr().out  # the table, printed
+
+
+def test_repair_modes_share_one_search(tiny_dir, tmp_path, monkeypatch):
+    """`--reconstruct none,lstsq` runs the method once (one process, the same plan and search time in
+    both rows) and finishes it with each repair; `bias` adds biases, so it gets a search of its own."""
+    model, text = tiny_dir
+    res = tmp_path / "res"
+    calls = []
+    real = compare.run_group
+    monkeypatch.setattr(
+        compare, "run_group", lambda cfg, m, s, each: calls.append(len(each)) or real(cfg, m, s, each)
+    )
+    monkeypatch.setattr(compare, "run_one", lambda cfg, m, s, st: calls.append(1) or real(cfg, m, s, [st])[0])
+    assert _compare(model, text, res, "--methods", "wanda-sp", "--reconstruct", "none,lstsq,bias") == 0
+    rows = json.loads((res / "compare.json").read_text())
+    assert [r["reconstruct"] for r in rows] == ["none", "lstsq", "bias"]
+    assert sorted(calls) == [1, 2]
+    none, lstsq, bias = rows
+    assert none["shapes"] == lstsq["shapes"] and none["time_s"] == lstsq["time_s"]
+    assert none["ppl"] != lstsq["ppl"]

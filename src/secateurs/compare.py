@@ -83,7 +83,7 @@ class CompareConfig:
         unknown = set(self.settings) - setting_names()
         if unknown:
             raise ConfigError(f"compare has no setting(s) {_options(unknown)}")
-        taken = {f.name for c in [DataConfig, *classes] for f in dataclasses.fields(c)}
+        taken = {f.name for c in [DataConfig, ReconstructConfig, *classes] for f in dataclasses.fields(c)}
         unused = set(self.settings) - taken
         if unused:
             raise ConfigError(
@@ -123,7 +123,7 @@ def jobs(cfg: CompareConfig) -> list[Job]:
     """
     from secateurs.methods import get_method
 
-    data_names = {f.name for f in dataclasses.fields(DataConfig)}
+    data_names = {f.name for c in (DataConfig, ReconstructConfig) for f in dataclasses.fields(c)}
     out = []
     for sparsity in cfg.sparsity:
         for method in cfg.methods:
@@ -191,23 +191,17 @@ def _prune_in_child(payload: dict[str, Any], conn) -> None:
     logging.basicConfig(level=CHILD_LOG_LEVEL, format="%(levelname)s %(name)s: %(message)s")
     try:
         from secateurs.models.loading import load_model, model_id
-        from secateurs.pipeline import run_prune
+        from secateurs.pipeline import run_prune_modes
 
-        job = Job(payload["method"], payload["sparsity"], payload["settings"])
-        config, data, repair = _configs(job)
+        group = [Job(payload["method"], payload["sparsity"], s) for s in payload["settings_each"]]
+        config, data, _ = _configs(group[0])
+        repairs = [_configs(job)[2] for job in group]
         model, tok = load_model(payload["model"], device=payload["device"], dtype=payload["dtype"])
-        res = run_prune(
-            model,
-            tok,
-            job.method,
-            config,
-            data,
-            model_id(payload["model"]),
-            evaluate=payload["evaluate"],
-            batch_size=payload["batch_size"],
-            repair=repair,
-        )
-        conn.send(("ok", _jsonable(res.record["parameters"] | {"report": res.record["report"]})))
+        records = run_prune_modes(
+            model, tok, group[0].method, config, data, model_id(payload["model"]), repairs,
+            evaluate=payload["evaluate"], batch_size=payload["batch_size"],
+        )  # fmt: skip
+        conn.send(("ok", [_jsonable(r["parameters"] | {"report": r["report"]}) for r in records]))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent as one line
         text = " ".join(str(exc).split())
         message = text if isinstance(exc, SecateursError) else f"{type(exc).__name__}: {text}"
@@ -219,13 +213,21 @@ def _prune_in_child(payload: dict[str, Any], conn) -> None:
 def run_one(cfg: CompareConfig, method: str, sparsity: float, settings: dict[str, Any]) -> dict[str, Any]:
     """Prune in a spawned process and return its record (parameters + report); a failure in the child
     raises `SecateursError("{method} at {sparsity}: {message}")`."""
+    return run_group(cfg, method, sparsity, [settings])[0]
+
+
+def run_group(
+    cfg: CompareConfig, method: str, sparsity: float, settings_each: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Runs that differ only in their repair settings, in one spawned process: one search, finished
+    with each repair (`pipeline.run_prune_modes`); their records in order."""
     ctx = multiprocessing.get_context(START_METHOD)
     receive, send = ctx.Pipe(duplex=False)
     payload = {
         "model": cfg.model,
         "method": method,
         "sparsity": sparsity,
-        "settings": settings,
+        "settings_each": settings_each,
         "device": cfg.device,
         "dtype": cfg.dtype,
         "evaluate": cfg.evaluate,
@@ -313,26 +315,51 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+REPAIR_SETTINGS = frozenset(f.name for f in dataclasses.fields(ReconstructConfig))
+
+
+def _search_groups(todo: list[Job], indices: list[int]) -> list[list[int]]:
+    """Jobs that can share one search: same method, sparsity and settings but the repair's, and the
+    same answer to "does the repair add biases" (the search budgets for them)."""
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        job = todo[i]
+        others = {k: v for k, v in job.settings.items() if k not in REPAIR_SETTINGS}
+        adds = _configs(job)[2].adds_biases
+        key = json.dumps([job.method, job.sparsity, _jsonable(others), adds], sort_keys=True)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Run (or read from the cache) every job; write compare.md and compare.json under `cfg.results`."""
     todo = jobs(cfg)
     weights = model_fingerprint(cfg.model)
     keys = [cache_key(cfg, job, weights) for job in todo]  # validates every run before the first starts
     store = cache_dir() / "compare"
-    rows = []
-    for i, (job, key) in enumerate(zip(todo, keys, strict=True), 1):
-        path = store / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
-        label = f"[{i}/{len(todo)}] {job.method} at {job.sparsity} {_show(job.settings)}".rstrip()
+    paths = [
+        store / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+        for key in keys
+    ]
+    results: dict[int, dict[str, Any]] = {}
+    for i, path in enumerate(paths):
         if path.is_file() and not cfg.rerun:
-            log.info("%s: cached", label)
-            result = json.loads(path.read_text())
+            log.info("[%d/%d] %s at %s: cached", i + 1, len(todo), todo[i].method, todo[i].sparsity)
+            results[i] = json.loads(path.read_text())
+    for group in _search_groups(todo, [i for i in range(len(todo)) if i not in results]):
+        first = todo[group[0]]
+        label = f"[{', '.join(str(i + 1) for i in group)}/{len(todo)}] {first.method} at {first.sparsity}"
+        log.info("%s %s: running in its own process", label, _show(first.settings))
+        t0 = time.perf_counter()
+        if len(group) == 1:
+            done = [run_one(cfg, first.method, first.sparsity, first.settings)]
         else:
-            log.info("%s: running in its own process", label)
-            t0 = time.perf_counter()
-            result = run_one(cfg, job.method, job.sparsity, job.settings)
-            atomic_write_json(path, result)
-            log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
-        rows.append(_row(job, result))
+            done = run_group(cfg, first.method, first.sparsity, [todo[i].settings for i in group])
+        for i, result in zip(group, done, strict=True):
+            atomic_write_json(paths[i], result)
+            results[i] = result
+        log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
+    rows = [_row(job, results[i]) for i, job in enumerate(todo)]
     out = Path(cfg.results)
     atomic_write(out / "compare.md", to_markdown(rows) + "\n")
     atomic_write_json(out / "compare.json", rows)
