@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import ConfigError
+from secateurs.models.adapters import adapter_for
 from secateurs.progress import progress
 from secateurs.surgery.apply import finish_surgery_, head_rows, prune_attention_, prune_mlp_, start_surgery
 from secateurs.units.plan import LayerPlan, Plan
@@ -62,6 +63,7 @@ LAMBDAS = (0.0, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 HOLDOUT = 0.25  # share of calibration windows that choose lambda (the fit then uses every window)
 MIN_BATCHES = 4  # batches of windows in the repair's passes; the held-out share is whole batches
 GRAM_DTYPE = torch.float64  # sums of ~1e5-1e6 outer products: float32 loses the small eigenvalues
+MIN_ENERGY = 1e-30  # relative errors of a module whose outputs are all zero stay finite
 SOLVE_JITTER = 1e-10  # x mean diagonal, so that lambda = 0 on a rank-deficient Gram block still solves
 
 
@@ -252,7 +254,7 @@ def fit_module(
     """Choose lambda on the held-out Gram matrix, refit on all rows, and measure before/after."""
     everything = (fit_gram + held_gram).g
     dim = everything.shape[0] - 1
-    energy = max(sq_error(everything, full, torch.zeros_like(full)), 1e-30)
+    energy = max(sq_error(everything, full, torch.zeros_like(full)), MIN_ENERGY)
     plain = torch.cat([full[:, keep], full[:, -1:]], dim=1)
     before = sq_error(everything, full, embed(plain, keep, dim)) / energy
     if cfg.mode == "bias":
@@ -261,7 +263,7 @@ def fit_module(
             new, math.nan, before, sq_error(everything, full, embed(new, keep, dim)) / energy, math.nan
         )
     scale = float(fit_gram.g.diagonal()[keep].mean()) if keep.numel() else 1.0
-    held_energy = max(sq_error(held_gram.g, full, torch.zeros_like(full)), 1e-30)
+    held_energy = max(sq_error(held_gram.g, full, torch.zeros_like(full)), MIN_ENERGY)
     scores = {}
     for lam in cfg.lambdas:
         trial = solve(fit_gram.g, full, keep, lam * scale, cfg.intercept)
@@ -285,7 +287,7 @@ def capture_inputs(
     Layers of different `layer_types` get different masks, so the kwargs are captured at the first layer
     of each type (the decoder runs up to the last such layer once); later layers reuse their type's.
     """
-    a = _adapter(model)
+    a = adapter_for(model)
     layers = a.decoder_layers(model)
     types = list(getattr(model.config, "layer_types", None) or ["all"] * len(layers))
     first = {t: types.index(t) for t in dict.fromkeys(types)}
@@ -318,12 +320,6 @@ def capture_inputs(
                 h.remove()
         kwargs.append({i: seen[t] for i, t in enumerate(types)})
     return hidden, kwargs
-
-
-def _adapter(model):
-    from secateurs.models.adapters import adapter_for
-
-    return adapter_for(model)
 
 
 @contextmanager
