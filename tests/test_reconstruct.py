@@ -182,3 +182,20 @@ def test_prune_repairs_and_apply_reproduces_it(tiny_dir, tmp_path, mode):
     ids = _calib(2, 12, seed=3)
     with torch.inference_mode():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_bias_budget_only_for_blocks_the_units_can_prune_partly():
+    """Whole layers leave no partly pruned block to compensate: block-influence (units: layer) must not
+    be asked to remove more for biases that will never be added (it then dropped a whole extra layer)."""
+    from secateurs.methods.base import MethodConfig
+    from secateurs.pipeline import paying_for_repair
+    from secateurs.surgery.reconstruct import bias_budget
+
+    space = UnitSpace.from_model(tiny_model("llama"))  # no output biases
+    assert bias_budget(space, ("layer",)) == 0
+    assert bias_budget(space, ("mlp_channel",)) == space.n_layers * space.hidden_size
+    assert bias_budget(space, ("attn_group", "mlp_channel")) == 2 * space.n_layers * space.hidden_size
+    bias = ReconstructConfig(reconstruct="bias")
+    assert paying_for_repair(MethodConfig(sparsity=0.3, units=("layer",)), space, bias).sparsity == 0.3
+    assert paying_for_repair(MethodConfig(sparsity=0.3), space, bias).sparsity > 0.3
+    assert paying_for_repair(MethodConfig(sparsity=0.3), space, ReconstructConfig()).sparsity == 0.3

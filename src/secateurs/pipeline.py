@@ -277,9 +277,9 @@ def repair_windows(tokenizer, data: DataConfig, repair: ReconstructConfig) -> to
 def paying_for_repair(config: MethodConfig, space: UnitSpace, repair: ReconstructConfig) -> MethodConfig:
     """A repair that adds output biases (`bias`, or `lstsq` with an intercept) costs parameters: the
     method is asked to remove that much more, so the target still holds after the repair."""
-    if not repair.adds_biases:
+    if not repair.adds_biases or not bias_budget(space, tuple(config.units)):
         return config
-    target = target_params(space, config.sparsity) + bias_budget(space)
+    target = target_params(space, config.sparsity) + bias_budget(space, tuple(config.units))
     return dataclasses.replace(config, sparsity=min(target / space.total_cost, MAX_SPARSITY))
 
 

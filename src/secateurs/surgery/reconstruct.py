@@ -50,7 +50,7 @@ from secateurs.models.adapters import adapter_for
 from secateurs.progress import progress
 from secateurs.surgery.apply import finish_surgery_, head_rows, prune_attention_, prune_mlp_, start_surgery
 from secateurs.units.plan import LayerPlan, Plan
-from secateurs.units.space import UnitSpace
+from secateurs.units.space import Kind, UnitSpace
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,15 @@ class ReconstructConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def bias_budget(space: UnitSpace) -> int:
-    """Parameters a repair that adds output biases may add at most: one per block that has none. A
-    method asked to remove this much more still meets its target after the repair."""
-    return sum(space.hidden_size * ((lu.attn_fixed == 0) + (lu.mlp_fixed == 0)) for lu in space.layers)
+def bias_budget(space: UnitSpace, units: tuple[str, ...]) -> int:
+    """Parameters a repair that adds output biases may add at most: one bias per block without one that
+    the units can prune partly (GQA groups for attention, channels for MLPs; whole layers and blocks
+    leave nothing to compensate). A method asked to remove this much more still meets its target."""
+    attn, mlp = Kind.ATTN_GROUP in units, Kind.MLP_CHANNEL in units
+    return sum(
+        space.hidden_size * ((attn and lu.attn_fixed == 0) + (mlp and lu.mlp_fixed == 0))
+        for lu in space.layers
+    )
 
 
 # -- plain tensor maths ------------------------------------------------------------------------------
