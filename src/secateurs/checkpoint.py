@@ -17,7 +17,6 @@ The rule (`RunCheckpoint.start`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from secateurs.errors import ConfigError
-from secateurs.io import atomic_write_json, tmp_sibling
+from secateurs.io import atomic_write_json, jsonable, tensor_digest, tmp_sibling
 
 STATE_FILE = "state.json"
 LEGACY_FILE = "state.pt"  # pickled checkpoints of secateurs <= 0.1; refused, never unpickled
@@ -44,8 +43,7 @@ def run_fingerprint(model: nn.Module | None, calib: torch.Tensor) -> dict[str, A
     if model is not None:
         with torch.no_grad():
             checksum = round(float(sum(p.detach().double().abs().sum() for p in model.parameters())), 3)
-    calib_hash = hashlib.sha1(calib.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return {"params": checksum, "calib": calib_hash, "calib_shape": list(calib.shape)}
+    return {"params": checksum, "calib": tensor_digest(calib), "calib_shape": list(calib.shape)}
 
 
 def _split(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -131,8 +129,8 @@ class RunCheckpoint:
 
     def __post_init__(self) -> None:
         # Compared with what a JSON round trip gives back (tuples become lists, enums plain strings).
-        self.settings = json.loads(json.dumps(self.settings))
-        self.fingerprint = json.loads(json.dumps(self.fingerprint))
+        self.settings = jsonable(self.settings)
+        self.fingerprint = jsonable(self.fingerprint)
 
     def start(self, resume: bool, overwrite: bool = False) -> dict[str, Any] | None:
         """The state to continue from (None: start afresh), after the checks in the module docstring."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, SecateursError
-from secateurs.io import atomic_write, atomic_write_json, source_digest
+from secateurs.io import atomic_write, atomic_write_json, jsonable, source_digest
 from secateurs.methods.base import MethodConfig
 from secateurs.pipeline import DataConfig, library_versions, model_fingerprint, prune_sources
 from secateurs.surgery.reconstruct import ReconstructConfig
@@ -137,11 +137,6 @@ def jobs(cfg: CompareConfig) -> list[Job]:
     return out
 
 
-def _jsonable(obj: Any) -> Any:
-    """Tuples as lists and enums as their values: what a cache key and a JSON row hold."""
-    return json.loads(json.dumps(obj, default=str))
-
-
 def _configs(job: Job) -> tuple[MethodConfig, DataConfig, ReconstructConfig]:
     """The dataclasses a run builds from its settings, each taking the ones it has (`seed` goes to
     the method and the data); building them in the parent validates every run before any process
@@ -171,10 +166,10 @@ def cache_key(cfg: CompareConfig, job: Job, weights: str) -> dict[str, Any]:
         "libraries": library_versions(),
         "method": job.method,
         "sparsity": job.sparsity,
-        "settings": _jsonable(job.settings),
-        "config": _jsonable(dataclasses.asdict(config)),
-        "data": _jsonable(dataclasses.asdict(data)),
-        "repair": _jsonable(repair.to_dict()),
+        "settings": jsonable(job.settings),
+        "config": jsonable(dataclasses.asdict(config)),
+        "data": jsonable(dataclasses.asdict(data)),
+        "repair": jsonable(repair.to_dict()),
         "device": str(device),
         "dtype": str(resolve_dtype(cfg.dtype, device)),
         "batch_size": cfg.batch_size,
@@ -201,7 +196,7 @@ def _prune_in_child(payload: dict[str, Any], conn) -> None:
             model, tok, group[0].method, config, data, model_id(payload["model"]), repairs,
             evaluate=payload["evaluate"], batch_size=payload["batch_size"],
         )  # fmt: skip
-        conn.send(("ok", [_jsonable(r["parameters"] | {"report": r["report"]}) for r in records]))
+        conn.send(("ok", [jsonable(r["parameters"] | {"report": r["report"]}) for r in records]))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent as one line
         text = " ".join(str(exc).split())
         message = text if isinstance(exc, SecateursError) else f"{type(exc).__name__}: {text}"
@@ -266,8 +261,8 @@ def _row(job: Job, r: dict[str, Any]) -> dict[str, Any]:
     return {
         "method": job.method,
         "target": job.sparsity,
-        "settings": _jsonable(job.settings),
-        "swept": _jsonable({k: job.settings[k] for k in job.swept}),
+        "settings": jsonable(job.settings),
+        "swept": jsonable({k: job.settings[k] for k in job.swept}),
         "sparsity_attn_mlp": r["sparsity"],
         "sparsity_total": r["total_removed_share"],
         "ppl": pruned.get("ppl"),
@@ -326,7 +321,7 @@ def _search_groups(todo: list[Job], indices: list[int]) -> list[list[int]]:
         job = todo[i]
         others = {k: v for k, v in job.settings.items() if k not in REPAIR_SETTINGS}
         adds = _configs(job)[2].adds_biases
-        key = json.dumps([job.method, job.sparsity, _jsonable(others), adds], sort_keys=True)
+        key = json.dumps([job.method, job.sparsity, jsonable(others), adds], sort_keys=True)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -202,6 +202,19 @@ def _replace_dir(tmp: Path, out: Path, exist_ok: bool) -> None:
         shutil.rmtree(old)
 
 
+def jsonable(obj: Any) -> Any:
+    """What a JSON file gives back for `obj`: tuples as lists, enums and other objects as strings. Cache
+    keys, checkpoint headers and records compare in this form."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def tensor_digest(t: Any) -> str:
+    """A short content hash of an integer tensor (token windows), independent of its device and dtype."""
+    import torch
+
+    return hashlib.sha1(t.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 # -- content hashes for cache keys ---------------------------------------------------------------------
 DIGEST_SAMPLES = 16  # blocks read per file: enough to see an edited checkpoint, cheap for 16 GB ones
 DIGEST_BLOCK = 1 << 16  # 64 KiB per sampled block

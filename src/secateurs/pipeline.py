@@ -23,7 +23,15 @@ from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import ConfigError, DataError
 from secateurs.eval.loss import perplexity
 from secateurs.eval.measure import measure
-from secateurs.io import atomic_write_json, check_free_space, file_digest, reserved_dir, source_digest
+from secateurs.io import (
+    atomic_write_json,
+    check_free_space,
+    file_digest,
+    jsonable,
+    reserved_dir,
+    source_digest,
+    tensor_digest,
+)
 from secateurs.methods.base import MethodConfig, get_method
 from secateurs.scoring.select import check_reachable, target_params
 from secateurs.surgery.apply import apply_plan_
@@ -294,18 +302,10 @@ def run_repair(
             record: dict[str, Any] = {"mode": "none"}
         else:
             record = reconstruct_(model, plan, windows, repair, batch_rows=batch_size)
-    record |= {"settings": _plain(repair.to_dict()), "time_s": round(m.seconds, 2)}
+    record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2)}
     if windows is not None:
-        record["calib"] = {"source": data.calib, "seed": data.seed, "windows": _windows_digest(windows)}
+        record["calib"] = {"source": data.calib, "seed": data.seed, "windows": tensor_digest(windows)}
     return record
-
-
-def _windows_digest(windows: torch.Tensor) -> str:
-    return hashlib.sha1(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 @dataclass
