@@ -194,13 +194,9 @@ def _check_shapes_record(path: Path, record: Any, n_layers: int) -> None:
             raise ModelSourceError(f"{where} (layer {i} has a negative or non-integer size)")
 
 
-def load_pruned(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
-) -> tuple[nn.Module, Any]:
-    """Load a directory written by `save_pruned` (or any stock directory of a supported family).
-
-    Uses no remote code: the per-layer shapes are rebuilt by secateurs' own copy of the modelling code.
-    """
+def model_class_and_config(path: str | Path) -> tuple[type, Any]:
+    """The class `load_pruned` builds a directory with (the stock class, reshaped to `config.secateurs`
+    when present) and its config, validated, without reading any weights."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"no model at {path} (config.json missing)")
@@ -213,6 +209,27 @@ def load_pruned(
     if getattr(config, "secateurs", None):
         _check_shapes_record(path, config.secateurs, config.num_hidden_layers)
         cls = pruned_class(cls)
+    return cls, config
+
+
+def load_skeleton(path: str | Path) -> nn.Module:
+    """The model a directory holds, built on the meta device: every module with its saved shape, no
+    weights read and no memory used. Exports read shapes from it (`layer_geometry`) and stream the
+    tensors from the safetensors files themselves."""
+    cls, config = model_class_and_config(path)
+    with torch.device("meta"):
+        return cls(config).eval()
+
+
+def load_pruned(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[nn.Module, Any]:
+    """Load a directory written by `save_pruned` (or any stock directory of a supported family).
+
+    Uses no remote code: the per-layer shapes are rebuilt by secateurs' own copy of the modelling code.
+    """
+    path = Path(path)
+    cls, config = model_class_and_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
