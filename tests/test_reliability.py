@@ -181,7 +181,8 @@ def test_plan_with_wrong_types_is_one_line(tiny_dir, tmp_path, capsys):
 def test_sequence_longer_than_the_context_is_refused(tiny_dir, tmp_path, capsys):
     model, text = tiny_dir  # tiny models have max_position_embeddings 128
     assert main(["eval", str(model), "--data", str(text), "--seq-len", "200", "--eval-tokens", "400"]) == 2
-    _one_line(capsys, "--eval-seq-len 200", "context (128 tokens)", "--allow-long-context")
+    line = _one_line(capsys, "--seq-len 200", "context (128 tokens)", "--allow-long-context")
+    assert "--eval-seq-len" not in line  # eval's own name for its window length
     long = ["--seq-len", "200", "--eval-tokens", "400", "--allow-long-context"]
     assert main(["eval", str(model), "--data", str(text), *long]) == 0
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import secateurs
 from helpers_tokenizer import tiny_tokenizer
@@ -59,6 +60,8 @@ def test_directory_with_the_old_class_name_still_loads(tmp_path):
     path = tmp_path / "old" / "config.json"
     cfg = json.loads(path.read_text())
     cfg["architectures"] = ["SecateursForCausalLM"]
+    cfg["model_type"] = "llama"  # as 0.1.0 wrote it
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
     cfg["secateurs"].pop("family", None)
     cfg["secateurs"].pop("schema", None)
     path.write_text(json.dumps(cfg))
@@ -66,6 +69,43 @@ def test_directory_with_the_old_class_name_still_loads(tmp_path):
     ids = _ids()
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_schema_2_directory_still_loads(tmp_path):
+    """Outputs of schema 2 kept the stock `model_type` and mapped only the model class."""
+    model = tiny_model("qwen2")
+    plan = random_plan(UnitSpace.from_model(model), seed=0)
+    secateurs.apply_plan_(model, plan)
+    secateurs.save(model, tmp_path / "s2", plan)
+    path = tmp_path / "s2" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model_type"] = "qwen2"
+    cfg["auto_map"].pop("AutoConfig")
+    cfg["secateurs"]["schema"] = 2
+    path.write_text(json.dumps(cfg))
+    loaded, _ = secateurs.load_model(str(tmp_path / "s2"), device="cpu")
+    ids = _ids()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_from_pretrained_on_a_heterogeneous_output_asks_for_remote_code(family, tmp_path):
+    """A plain `from_pretrained(dir)` used to load the stock class and fail on the first tensor whose size
+    differs; the output's own model_type makes transformers say what to do instead."""
+    model = tiny_model(family)
+    plan = random_plan(UnitSpace.from_model(model), seed=0)
+    secateurs.apply_plan_(model, plan)
+    secateurs.save(model, tmp_path / "h", plan)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "h", trust_remote_code=True)
+    remote.save_pretrained(tmp_path / "again")  # a user's re-save of the remote-code model stays loadable
+    again, _ = secateurs.load_model(str(tmp_path / "again"), device="cpu")
+    ids = _ids()
+    with torch.inference_mode():
+        torch.testing.assert_close(remote.eval()(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
 
 
 def test_cli_apply_eval_and_prune_on_a_pruned_directory(tmp_path, capsys):

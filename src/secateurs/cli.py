@@ -155,7 +155,7 @@ def cmd_eval(args) -> int:
 
     data = _build(DataConfig, vars(args) | {"eval": args.data})
     model, tok, name = _load(args)
-    data.check_context(model)
+    data.check_context(model, {"eval_seq_len": "--seq-len"})
     windows, _ = evaluation_windows(tok, data)
     r = perplexity(model, windows, args.batch_size)
     space = UnitSpace.from_model(model)

@@ -75,11 +75,16 @@ class DataConfig:
                 f"seq_len={self.seq_len}, eval_seq_len={self.eval_seq_len}, eval_tokens={self.eval_tokens}"
             )
 
-    def check_context(self, model: nn.Module) -> None:
+    def check_context(self, model: nn.Module, options: dict[str, str] | None = None) -> None:
         """Windows beyond the model's context (`max_position_embeddings`) use positions it never saw in
-        training: figures from them mean little. Refused unless `allow_long_context`."""
+        training: figures from them mean little. Refused unless `allow_long_context`.
+
+        `options`: the window lengths to check, by field, with the option that sets each in the command
+        at hand (`secateurs eval` calls its evaluation length `--seq-len`)."""
         limit = getattr(model.config, "max_position_embeddings", None)
-        for option, length in (("--seq-len", self.seq_len), ("--eval-seq-len", self.eval_seq_len)):
+        options = options or {"seq_len": "--seq-len", "eval_seq_len": "--eval-seq-len"}
+        for field_name, option in options.items():
+            length = getattr(self, field_name)
             if limit and length > limit and not self.allow_long_context:
                 raise ConfigError(
                     f"{option} {length} is longer than the model's context ({limit} tokens); use a shorter "

@@ -1,8 +1,8 @@
 """Per-layer shapes for pruned models: the one piece shared by secateurs and the saved modelling file.
 
 This module imports only torch and transformers on purpose: `save_pruned` copies it verbatim into the
-output directory as `modeling_secateurs.py`, with a three-line footer that subclasses the family's stock
-`*ForCausalLM`. So `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and
+output directory as `modeling_secateurs.py`, with a footer that subclasses the family's stock config
+(under its own `model_type`) and `*ForCausalLM`. So `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and
 `secateurs.load(dir)` build the model with the very same code.
 
 `config.secateurs` holds {"schema", "family", "names": {...module names...}, "layers": [spec, ...]} where a spec is
@@ -16,8 +16,10 @@ from torch import nn
 
 # Version of what secateurs writes: plan.json's layout and `config.secateurs`. 1: up to 0.1.0 (no
 # version key; heterogeneous outputs named `SecateursForCausalLM`, which still load); 2: the stock
-# architecture name, and `config.secateurs` carries "schema" and "family".
-SCHEMA = 2
+# architecture name, and `config.secateurs` carries "schema" and "family"; 3: heterogeneous outputs
+# have their own `model_type` (`secateurs_llama`, ...) and config class in the modelling file, so that a
+# plain `from_pretrained(dir)` asks for `trust_remote_code=True` instead of failing on a tensor's size.
+SCHEMA = 3
 
 
 class SkipAttention(nn.Module):
