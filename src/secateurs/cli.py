@@ -338,8 +338,12 @@ def cmd_apply(args) -> int:
 
 def _recorded_repair(recorded: dict) -> dict[str, Any]:
     """The repair settings a plan.json records (none before secateurs recorded them: the defaults)."""
-    settings = (recorded.get("reconstruct") or {}).get("settings") or {}
-    return dict(settings)
+    settings = dict((recorded.get("reconstruct") or {}).get("settings") or {})
+    if settings and "reconstruct_toward" not in settings:
+        settings["reconstruct_toward"] = (
+            "zero"  # recorded before the ridge could pull toward the kept weights
+        )
+    return settings
 
 
 def _recorded_calib(recorded: dict) -> dict[str, Any]:
