@@ -42,13 +42,14 @@ Long runs: `checkpoint_dir` keeps the composed plan, round index, generator stat
 counters after every round (`RunCheckpoint`); `resume=True` re-applies the plan to a fresh copy of the
 original model and continues to the same final plan as an uninterrupted run with the same seed. All
 randomness comes from one `torch.Generator` seeded with `seed` (numpy/sklearn get explicit seeds derived
-from it per round). `plan()` works on a deep copy: the caller's model is left unchanged (memory: one
-extra copy).
+from it per round). `plan()` slices the caller's model itself, round after round, and gives it back
+unchanged at the end (also on an error): its layers are read back from the model's own safetensors
+(`surgery.restore.LayerSnapshot`), so no second copy of the model is held. A model without a matching
+checkpoint on disk (built or changed in memory) costs a copy of its decoder layers instead.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -88,6 +89,7 @@ from secateurs.methods.bonsai.regression import (
 from secateurs.progress import progress
 from secateurs.scoring.select import select, target_params
 from secateurs.surgery.apply import apply_plan_
+from secateurs.surgery.restore import LayerSnapshot
 from secateurs.units.masks import Masks
 from secateurs.units.plan import Plan
 from secateurs.units.space import FINE_KINDS, Kind, UnitSpace
@@ -497,14 +499,18 @@ class Bonsai(Method):
     # -- the loop ----------------------------------------------------------------------------------
     def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
         t_start = time.perf_counter()
-        run = self._start(model, space, calib)
-        self._log_budget(run, calib)
-        while run.removed < run.target:
-            self._next_round(run, calib)
-        return self._finish(run, t_start)
+        snapshot = LayerSnapshot(model)  # the rounds slice `model` itself; its layers come back after
+        try:
+            run = self._start(model, space, calib)
+            self._log_budget(run, calib)
+            while run.removed < run.target:
+                self._next_round(run, calib)
+            return self._finish(run, t_start)
+        finally:
+            snapshot.restore_(model)
 
     def _start(self, model: nn.Module, space: UnitSpace | None, calib: torch.Tensor) -> _Run:
-        """Budgets, checkpoint (resumed when asked) and the working copy of the model, before any round."""
+        """Budgets, checkpoint (resumed when asked) and the model to slice, before any round."""
         cfg = self.config
         orig = UnitSpace.from_model(model)
         if space is not None and space.total_cost != orig.total_cost:
@@ -529,7 +535,7 @@ class Bonsai(Method):
         if saved is not None:
             run.restore(saved["state"])
             log.info("bonsai: resuming after round %d from %s", len(run.rounds), cfg.checkpoint_dir)
-        run.work = copy.deepcopy(model)
+        run.work = model
         if run.rounds:
             apply_plan_(run.work, run.composed)
         run.cur = UnitSpace.from_model(run.work)
