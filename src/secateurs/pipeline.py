@@ -232,7 +232,7 @@ def make_plan(model: nn.Module, method: str, config: MethodConfig, calib: torch.
     """Run a registered method; the model comes back unchanged."""
     cls = get_method(method)
     space = UnitSpace.from_model(model)
-    check_reachable(space, config.sparsity, config.allocation, tuple(config.units))
+    check_reachable(space, config.sparsity, config.allocation, tuple(config.units), config.uniform_attention)
     return cls(config).plan(model, space, calib)
 
 

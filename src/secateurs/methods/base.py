@@ -34,6 +34,13 @@ class MethodConfig:
     allocation: str = field(
         default="global", metadata={"help": "uniform: same count per layer; global: anywhere"}
     )
+    attention_allocation: str = field(
+        default="inherit",
+        metadata={
+            "help": "inherit (as --allocation) | uniform: the same GQA groups count in every layer (what "
+            "vLLM's per-layer architecture needs), MLP channels still as --allocation | global"
+        },
+    )
     seed: int = 0
     batch_rows: int = field(default=8, metadata={"help": "rows per forward (memory bound)"})
 
@@ -49,6 +56,19 @@ class MethodConfig:
         self.units = tuple(Kind(u) for u in self.units)
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.attention_allocation not in ("inherit", *ALLOCATIONS):
+            raise ConfigError(
+                f"attention_allocation must be inherit, uniform or global, got {self.attention_allocation!r}"
+            )
+        if self.attention_allocation == "global" and self.allocation == "uniform":
+            raise ConfigError("attention_allocation global with allocation uniform is not supported")
+
+    @property
+    def uniform_attention(self) -> bool:
+        """Whether every layer must keep the same number of GQA groups (`attention_allocation`)."""
+        return self.attention_allocation == "uniform" or (
+            self.attention_allocation == "inherit" and self.allocation == "uniform"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -116,7 +136,10 @@ class MetricMethod(Method):
         from secateurs.scoring.select import select
 
         cfg = self.config
-        plan = select(self.scores(model, space, calib), space, cfg.sparsity, cfg.allocation, cfg.units)
+        scores = self.scores(model, space, calib)
+        plan = select(
+            scores, space, cfg.sparsity, cfg.allocation, cfg.units, uniform_attention=cfg.uniform_attention
+        )
         plan.method, plan.settings, plan.seed = self.name, cfg.to_dict(), cfg.seed
         return plan
 

@@ -25,13 +25,15 @@ def target_params(space: UnitSpace, sparsity: float) -> int:
     return math.ceil(sparsity * space.total_cost - COUNT_EPS)
 
 
-def check_reachable(space: UnitSpace, sparsity: float, allocation: str, units: tuple[str, ...]) -> None:
+def check_reachable(
+    space: UnitSpace, sparsity: float, allocation: str, units: tuple[str, ...], uniform_attention=False
+) -> None:
     """Fail before any work, with `select`'s own message, when `units` cannot remove the target: a method
     that learns first (policy gradient, Bonsai) would otherwise fail later with a message about itself."""
     from secateurs.methods.base import UnitScores
 
     zeros = UnitScores({k: [torch.zeros(n) for n in space.n_units(k)] for k in FINE_KINDS + COARSE_ORDER})
-    select(zeros, space, sparsity, allocation, units)
+    select(zeros, space, sparsity, allocation, units, uniform_attention=uniform_attention)
 
 
 def select(
@@ -41,13 +43,16 @@ def select(
     allocation: str,
     units: tuple[str, ...],
     target: int | None = None,
+    uniform_attention: bool = False,
 ) -> Plan:
     """Keep the highest-scoring units so that `sparsity` of the prunable parameters go.
 
     `scores[kind][layer]` is a tensor of per-unit scores (higher = more important). Coarse kinds (whole
     layers or blocks) are chosen first, globally; fine kinds then take the rest of the budget. `target`
     (parameters to remove) overrides `sparsity` when a caller budgets in parameters, e.g. per kind.
-    Units with score +inf are never dropped.
+    Units with score +inf are never dropped. `uniform_attention` with global allocation: GQA groups go
+    in bundles of one per layer (see `_attention_bundles`), so every layer keeps as many as before
+    relative to the others, while MLP channels are still chosen anywhere.
     """
     target = target_params(space, sparsity) if target is None else target
     drop: dict[str, list[torch.Tensor]] = {
@@ -58,6 +63,8 @@ def select(
     if fine and removed < target:
         if allocation == "uniform":
             removed += _select_uniform(scores, space, target - removed, fine, drop)
+        elif uniform_attention and Kind.ATTN_GROUP in fine:
+            removed += _select_global_bundled(scores, space, target - removed, fine, drop)
         else:
             removed += _select_global(scores, space, target - removed, fine, drop)
     if removed < target:
@@ -160,6 +167,60 @@ def _select_global(scores, space, budget, fine, drop) -> float:
     return _greedy(
         _unit_table(_keep_one_attention(scores, space, fine, drop), space, fine, drop), budget, drop, fine
     )
+
+
+BUNDLE = "attn_bundle"  # a pseudo-kind in `_greedy`'s table: one GQA group from each layer at once
+
+
+def _attention_bundles(scores, space: UnitSpace, drop) -> tuple[list[float], list[float], list[list]]:
+    """(score, cost, members) of the bundles that lower the kept-groups count by one, level by level.
+
+    Bundle j drops, from every layer that would otherwise keep more than `top - j - 1` groups, its
+    lowest-scoring group left. Its score is its members' mean (scores are per-parameter comparable),
+    made non-decreasing, so `_greedy` takes bundles in order; a layer's last group is never offered
+    (a block goes whole, as a coarse unit).
+    """
+    kind = Kind.ATTN_GROUP
+    costs = space.unit_costs(kind)
+    ranked = {}
+    for i, n in enumerate(space.n_units(kind)):
+        if n and not _layer_gone(drop, kind, i):
+            alive = (~drop[kind][i]).nonzero().flatten()
+            order = torch.argsort(scores[kind][i].float()[alive], stable=True)
+            ranked[i] = alive[order].tolist()
+    out_s, out_c, members = [], [], []
+    top = max((len(r) for r in ranked.values()), default=0)
+    for level in range(top, 1, -1):  # kept count level -> level - 1
+        group = [(i, r[len(r) - level]) for i, r in ranked.items() if len(r) >= level]
+        mean = sum(float(scores[kind][i][u]) for i, u in group) / len(group)
+        out_s.append(max(mean, out_s[-1]) if out_s else mean)
+        out_c.append(float(sum(costs[i] for i, _ in group)))
+        members.append(group)
+    return out_s, out_c, members
+
+
+def _select_global_bundled(scores, space, budget, fine, drop) -> float:
+    """`_select_global` with GQA groups in `_attention_bundles`."""
+    others = [k for k in fine if k != Kind.ATTN_GROUP]
+    b_score, b_cost, members = _attention_bundles(scores, space, drop)
+    table = _unit_table(scores, space, others, drop)
+    n = len(members)
+    bundled = (
+        torch.tensor(b_score, dtype=torch.float32),
+        torch.tensor(b_cost, dtype=torch.float64),
+        torch.full((n,), len(others)),
+        torch.zeros(n, dtype=torch.long),
+        torch.arange(n),
+    )
+    merged = tuple(
+        torch.cat([a.to(b.dtype), b]) if a.numel() else b for a, b in zip(table, bundled, strict=True)
+    )
+    drop[BUNDLE] = [torch.zeros(n, dtype=torch.bool)]
+    removed = _greedy(merged, budget, drop, [*others, BUNDLE])
+    for j in drop.pop(BUNDLE)[0].nonzero().flatten().tolist():
+        for i, u in members[j]:
+            drop[Kind.ATTN_GROUP][i][u] = True
+    return removed
 
 
 def _keep_one_attention(scores, space, fine, drop):

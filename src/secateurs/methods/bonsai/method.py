@@ -340,7 +340,10 @@ class Bonsai(Method):
         sub = losses[1:].double().numpy()  # row 0 is the current model
         fit = self._fit(cands, keep, sub, round_index)
         scores = unit_scores(space, cands, fit.coef, self.kinds)
-        plan = select(scores, space, cfg.sparsity, "global", self.kinds, target=budget)
+        plan = select(
+            scores, space, cfg.sparsity, "global", self.kinds, target=budget,
+            uniform_attention=cfg.uniform_attention,
+        )  # fmt: skip
         protect = self._newly_protected(space, cands, fit, plan, sub)
         info = self._round_info(
             round_index, budget, space, plan, cands, windows, losses, fit, work, protect, prior_windows

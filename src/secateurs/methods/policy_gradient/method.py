@@ -17,6 +17,10 @@ Budgets (`allocation`, `budget`):
   projected separately, each keeping (1 - sparsity) of its own parameters (layers still heterogeneous).
 * ``allocation="uniform"``: every (layer, kind) is projected to (1 - sparsity) of its own parameters and
   the hard plan keeps the same count per layer (`select(..., "uniform")`).
+* ``attention_allocation="uniform"`` with global allocation: each layer's GQA groups are projected to
+  (1 - sparsity) of their own parameters and MLP channels globally to theirs (per-kind budget); the hard
+  plan drops groups in bundles of one per layer, so every layer keeps the same count (what vLLM's
+  per-layer architecture can serve), while channels still go anywhere.
 
 Layer / block units (``units`` containing "layer", "attn_block" or "mlp_block", global budget only) are
 gates: a sample's block is kept with probability (layer gate) x (block gate), and the expected kept cost
@@ -197,10 +201,13 @@ class PolicyGradientConfig(MethodConfig):
         gates = [str(u) for u in self.units if u in COARSE_KINDS]
         if self.budget == "per-kind" and not all(k in self.units for k in FINE_KINDS):
             raise ConfigError("budget per-kind needs both attn_group and mlp_channel units")
-        if gates and (self.budget != "global" or self.allocation != "global"):
+        if gates and (self.budget != "global" or self.allocation != "global" or self.uniform_attention):
             raise ConfigError(
-                f"units {gates} need allocation=global and budget=global (a layer gate spans both kinds)"
+                f"units {gates} need allocation=global, budget=global and attention allocation global "
+                "(a layer gate spans both kinds)"
             )
+        if self.uniform_attention and not all(k in self.units for k in FINE_KINDS):
+            raise ConfigError("uniform attention allocation needs both attn_group and mlp_channel units")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs checkpoint_dir")
 
@@ -343,20 +350,23 @@ class UnitVector:
                     blocks[off][:, i] *= gate
         return m
 
-    def segments(self, allocation: str, budget: str) -> list[tuple[torch.Tensor, CostLayout]]:
-        """(coordinates, layout) pairs, each projected to (1 - sparsity) of its own full cost."""
+    def segments(
+        self, allocation: str, budget: str, uniform_attention: bool = False
+    ) -> list[tuple[torch.Tensor, CostLayout]]:
+        """(coordinates, layout) pairs, each projected to (1 - sparsity) of its own full cost.
+
+        `uniform_attention`: each layer's GQA groups are their own segment (the same expected kept count
+        everywhere), whatever `allocation` says of MLP channels."""
         n_blocks = 2 * self.space.n_layers
-        if allocation == "global" and budget == "global":
+        if allocation == "global" and budget == "global" and not uniform_attention:
             return [(torch.arange(self.n), self.layout)]
         out = []
-        groups = (
-            [list(range(self.space.n_layers))]
-            if allocation == "global"
-            else [[i] for i in range(self.space.n_layers)]
-        )
+        every = [list(range(self.space.n_layers))]
+        each = [[i] for i in range(self.space.n_layers)]
         for kind in self.fine:
             off = _FINE_BLOCK[kind]
-            for layers in groups:
+            per_layer = allocation == "uniform" or (uniform_attention and kind == Kind.ATTN_GROUP)
+            for layers in each if per_layer else every:
                 idx = self.indices(kind, layers)
                 if idx.numel() == 0:
                     continue
@@ -493,7 +503,7 @@ class PolicyGradient(Method):
         )  # fmt: skip
         state = self._start(model, space, calib, checkpoint)
         vec = self._unit_vector(space, state)
-        segments = vec.segments(cfg.allocation, cfg.budget)
+        segments = vec.segments(cfg.allocation, cfg.budget, cfg.uniform_attention)
         windows = _split_windows(calib, cfg.split_len)
         order = _window_order(windows.shape[0], cfg.seed)
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
@@ -685,7 +695,7 @@ class PolicyGradient(Method):
         shift = torch.zeros(vec.n, dtype=torch.float64)
         shift[: vec.n_fine or vec.n] = 1.0  # gates stay at gate_init (unless alone); fine units move together
         out = v.clamp(cfg.eps, 1 - cfg.eps)
-        for idx, layout in vec.segments(cfg.allocation, cfg.budget):
+        for idx, layout in vec.segments(cfg.allocation, cfg.budget, cfg.uniform_attention):
             try:
                 out[idx] = project(
                     v[idx], layout, keep * layout.full(), lo=cfg.eps, hi=1 - cfg.eps, direction=shift[idx]
@@ -716,8 +726,9 @@ class PolicyGradient(Method):
             for kind in vec.gates:  # a gate goes only where the sampler drops it more often than not
                 for t in scores[kind]:
                     t[t >= _GATE_DROP_BELOW] = math.inf
-        if cfg.budget == "global" or cfg.allocation == "uniform":
+        if (cfg.budget == "global" and not cfg.uniform_attention) or cfg.allocation == "uniform":
             return select(UnitScores(scores), space, cfg.sparsity, cfg.allocation, cfg.units)
+        # Per kind (also for uniform attention, which the projection budgets per layer and kind):
         # Attention takes its own share, to the nearest whole group; MLP channels land the total target.
         attn_total = sum(lu.attn_cost for lu in space.layers if lu.n_groups)
         half_group = min(lu.group_cost for lu in space.layers if lu.n_groups) / 2
@@ -726,8 +737,9 @@ class PolicyGradient(Method):
         removed_attn = 0
         if attn_target:
             attn = select(
-                UnitScores(scores), space, cfg.sparsity, "global", (Kind.ATTN_GROUP,), target=attn_target
-            )
+                UnitScores(scores), space, cfg.sparsity, "global", (Kind.ATTN_GROUP,), target=attn_target,
+                uniform_attention=cfg.uniform_attention,
+            )  # fmt: skip
             removed_attn = attn.removed_params(space)
         mlp_target = target_params(space, cfg.sparsity) - removed_attn
         mlp = select(
