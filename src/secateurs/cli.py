@@ -1,4 +1,4 @@
-"""`secateurs` command line: prune, eval, bench, info, methods, compare.
+"""`secateurs` command line: prune, eval, bench, info, methods, compare, export.
 
 Options for a method's settings are generated from its config dataclass, so a new method's settings
 appear here without touching this file. Input errors print one line (a traceback only with --debug)
@@ -225,8 +225,13 @@ def cmd_prune(args) -> int:
     config = _build(method_cls.config_class, values)  # validates sparsity etc. before loading anything
     data = _build(DataConfig, values)
     repair = _build(ReconstructConfig, values)
+    formats = _export_formats(args)
     with reserved_dir(args.out, args.overwrite) as reserved:  # an unwritable --out fails before the load
         model, tok, name = _load(args)
+        if formats:  # a target that cannot run what the search may produce fails now, not after it
+            from secateurs.export import check_before_search
+
+            check_before_search(formats, model, config.units, repair.adds_biases, **_export_options(args))
         res = run_prune(
             model,
             tok,
@@ -241,11 +246,77 @@ def cmd_prune(args) -> int:
             reserved=reserved,
             repair=repair,
         )
+    for fmt in formats:
+        from secateurs.export import EXPORTERS, export
+
+        path = export(args.out, fmt, Path(args.out) / EXPORTERS[fmt].filename, **_export_options(args, fmt))
+        print(f"exported {fmt}: {path}")
     _print_summary(res.record, args.out)
     print(SPARSITY_DEFINITION)
     if args.json:
         print(json.dumps(res.record["parameters"] | {"report": res.record["report"]}))
     return 0
+
+
+def _export_formats(args) -> list[str]:
+    from secateurs.export import parse_formats
+
+    formats = parse_formats(getattr(args, "export", None))
+    if formats and not args.out:
+        raise ConfigError("--export writes into the output directory: give --out DIR")
+    return formats
+
+
+def _export_options(args, fmt: str | None = None) -> dict[str, Any]:
+    """The export options given on the command line that `fmt`'s target takes (all given when None)."""
+    from secateurs.export import EXPORTERS
+
+    given = {k: getattr(args, k) for k in ("outtype", "pad") if getattr(args, k, None) is not None}
+    if fmt is None:
+        return given
+    names = {f.name for f in dataclasses.fields(EXPORTERS[fmt].options_class)}
+    return {k: v for k, v in given.items() if k in names}
+
+
+def cmd_export(args) -> int:
+    from secateurs.export import export
+
+    path = export(
+        args.model, args.format, args.out, overwrite=args.overwrite, **_export_options(args, args.format)
+    )
+    print(f"exported {args.model} as {args.format} to {path} ({path.stat().st_size / 2**20:,.1f} MB)")
+    return 0
+
+
+def _add_export_options(parser: Any) -> None:
+    parser.add_argument(
+        "--outtype",
+        default=None,
+        help="GGUF tensor type: f32 | f16 | bf16 | q8_0 (default: f16; 1-D tensors f32)",
+    )
+    parser.add_argument(
+        "--pad",
+        action="store_true",
+        default=None,
+        help="GGUF: zero-pad per-layer shapes to one shape where llama.cpp has no per-layer architecture for "
+        "the family (Qwen3); exact, but no speed-up where it pads",
+    )
+
+
+def _add_export(sub: Any) -> None:
+    from secateurs.export import EXPORTERS
+
+    ex = sub.add_parser(
+        "export",
+        help="write a model directory (dense or pruned) for another runtime, e.g. GGUF for llama.cpp",
+        description="Written atomically; an existing --out is replaced only with --overwrite.",
+    )
+    ex.add_argument("model", help="a model directory (dense, or written by secateurs)")
+    ex.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="export target")
+    ex.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_export_options(ex)
+    ex.set_defaults(func=cmd_export)
 
 
 def _all_method_fields() -> set[str]:
@@ -393,6 +464,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     _add_info(sub)
     _add_methods(sub)
     _add_compare(sub)
+    _add_export(sub)
     return p
 
 
@@ -421,6 +493,13 @@ def _add_prune(sub: Any, method: str | None) -> None:
     )
     pr.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     pr.add_argument("--json", action="store_true", help="also print the record as JSON")
+    pr.add_argument(
+        "--export",
+        default=None,
+        metavar="FMT[,FMT]",
+        help="also write OUT/model.gguf (gguf); checked against the target before the search",
+    )
+    _add_export_options(pr)
     _setup_common(pr)
     shared = pr.add_argument_group(
         "settings every method shares", f"defaults shown are those of --method {chosen.name}"

@@ -176,6 +176,28 @@ def _is_pruned_dir(path: Path) -> bool:
         return False
 
 
+# GGUF architectures transformers reads back (its GGUF loader) for the families secateurs supports.
+TRANSFORMERS_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """A GGUF whose architecture transformers cannot load (`deci`, what `secateurs export` writes for
+    per-layer shapes) is one line pointing at llama.cpp, not a stack trace from transformers."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields.get("general.architecture")
+        arch = field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001 - not a readable GGUF: transformers' own error says more below
+        return
+    if arch is not None and arch not in TRANSFORMERS_GGUF_ARCHS:
+        raise ModelSourceError(
+            f"{path} is a GGUF of llama.cpp architecture {arch!r}, which transformers cannot load; run it with "
+            f"llama.cpp (llama-cli -m {path}, llama-server -m {path}), or evaluate the model directory it "
+            "was exported from"
+        )
+
+
 def load_model(source: str, device: str = "auto", dtype: str | None = None):
     """Load `(model, tokenizer)` from a source (see the module docstring), in eval mode, on `device`.
 
@@ -198,6 +220,7 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None):
                     f"model path {source!r} is a file but not a .gguf; give a model directory, a .gguf file "
                     "or a hub id"
                 )
+            _check_gguf_architecture(path)
             location, gguf_file = path.parent, path.name
         else:
             if not _is_hf_dir(path):
