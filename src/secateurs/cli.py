@@ -231,7 +231,14 @@ def cmd_prune(args) -> int:
         if formats:  # a target that cannot run what the search may produce fails now, not after it
             from secateurs.export import check_before_search
 
-            check_before_search(formats, model, config.units, repair.adds_biases, **_export_options(args))
+            check_before_search(
+                formats,
+                model,
+                config.units,
+                repair.adds_biases,
+                config.uniform_attention,
+                **_export_options(args),
+            )
         res = run_prune(
             model,
             tok,
@@ -279,12 +286,12 @@ def _export_options(args, fmt: str | None = None) -> dict[str, Any]:
 
 
 def cmd_export(args) -> int:
-    from secateurs.export import export
+    from secateurs.export import export, output_bytes
 
     path = export(
         args.model, args.format, args.out, overwrite=args.overwrite, **_export_options(args, args.format)
     )
-    print(f"exported {args.model} as {args.format} to {path} ({path.stat().st_size / 2**20:,.1f} MB)")
+    print(f"exported {args.model} as {args.format} to {path} ({output_bytes(path) / 2**20:,.1f} MB)")
     return 0
 
 
@@ -313,7 +320,7 @@ def _add_export(sub: Any) -> None:
     )
     ex.add_argument("model", help="a model directory (dense, or written by secateurs)")
     ex.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="export target")
-    ex.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    ex.add_argument("--out", required=True, help="output file (gguf: model.gguf) or directory (vllm)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_export_options(ex)
     ex.set_defaults(func=cmd_export)
@@ -497,7 +504,7 @@ def _add_prune(sub: Any, method: str | None) -> None:
         "--export",
         default=None,
         metavar="FMT[,FMT]",
-        help="also write OUT/model.gguf (gguf); checked against the target before the search",
+        help="also write OUT/model.gguf (gguf), OUT/vllm/ (vllm); checked against the target before the search",
     )
     _add_export_options(pr)
     _setup_common(pr)

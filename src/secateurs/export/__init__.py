@@ -20,11 +20,14 @@ from typing import Any
 from secateurs.errors import ConfigError
 from secateurs.export.base import Exporter, ExportError, Shapes, atomic_output, possible_shapes, shapes_of
 from secateurs.export.gguf import GGUFExporter
+from secateurs.export.vllm import VLLMExporter
+from secateurs.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 EXPORTERS: dict[str, type[Exporter]] = {
     GGUFExporter.name: GGUFExporter,
+    VLLMExporter.name: VLLMExporter,
 }
 
 
@@ -83,15 +86,32 @@ def _export_dir(exporter: Exporter, source: Path, path: Path, overwrite: bool) -
     from secateurs.surgery.saving import load_skeleton
 
     exporter.check_expressible(shapes_of(load_skeleton(source)))  # before the output is touched
-    with atomic_output(path, overwrite) as tmp:
+    output = atomic_dir(path, overwrite) if exporter.writes_directory else atomic_output(path, overwrite)
+    with output as tmp:
         info = exporter.write(source, tmp)
-    log.info("exported %s to %s (%s, %.1f MB)", source, path, info, path.stat().st_size / 2**20)
+    log.info("exported %s to %s (%s, %.1f MB)", source, path, info, output_bytes(path) / 2**20)
     return path
 
 
-def check_before_search(formats: list[str], model, units: tuple[str, ...], adds_biases: bool, **opts) -> None:
+def output_bytes(path: Path) -> int:
+    """Size of an export: a file, or every file in a directory target."""
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    )
+
+
+def check_before_search(
+    formats: list[str],
+    model,
+    units: tuple[str, ...],
+    adds_biases: bool,
+    uniform_attention: bool = False,
+    **opts,
+) -> None:
     """`prune --export`: fail before the search when a target cannot express what it may produce."""
-    shapes = possible_shapes(shapes_of(model), units, adds_biases)
+    shapes = possible_shapes(shapes_of(model), units, adds_biases, uniform_attention)
     for f in formats:
         get_exporter(f, **opts).check_expressible(shapes)
 
@@ -104,6 +124,7 @@ __all__ = [
     "check_before_search",
     "export",
     "get_exporter",
+    "output_bytes",
     "parse_formats",
     "possible_shapes",
     "shapes_of",

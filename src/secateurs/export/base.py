@@ -73,12 +73,14 @@ def shapes_of(model: nn.Module, adapter: FamilyAdapter | None = None) -> Shapes:
     return Shapes(adapter.name, model.config.hidden_size, layers, qkv_bias)
 
 
-def possible_shapes(shapes: Shapes, units: tuple[str, ...], adds_biases: bool) -> Shapes:
+def possible_shapes(
+    shapes: Shapes, units: tuple[str, ...], adds_biases: bool, uniform_attention: bool = False
+) -> Shapes:
     """Shapes a prune of `shapes` with `units` may produce, with every feature it can introduce.
 
     Before a search nothing is known of the plan but its units, so this asks the target about the worst
     case: one GQA group and one channel fewer in layer 0 only (even `--allocation uniform` tops up one
-    unit per layer, so counts may differ by one), layer 0 without attention, layer 1 without its MLP,
+    unit per layer, so counts may differ by one; with `uniform_attention` one group fewer everywhere), layer 0 without attention, layer 1 without its MLP,
     and output biases everywhere when the repair adds them. Whole-layer removal keeps shapes as they are.
     """
     from secateurs.units.space import Kind
@@ -89,7 +91,11 @@ def possible_shapes(shapes: Shapes, units: tuple[str, ...], adds_biases: bool) -
         if i < len(layers):
             layers[i] = dataclasses.replace(layers[i], **change)
 
-    if Kind.ATTN_GROUP in units and layers and layers[0].n_groups > 1:
+    if Kind.ATTN_GROUP in units and uniform_attention:  # the same count everywhere (`select`'s bundles)
+        for i, g in enumerate(layers):
+            if g.n_groups > 1:
+                edit(i, n_groups=g.n_groups - 1)
+    elif Kind.ATTN_GROUP in units and layers and layers[0].n_groups > 1:
         edit(0, n_groups=layers[0].n_groups - 1)
     if Kind.MLP_CHANNEL in units and layers and layers[0].intermediate > 1:
         edit(0, intermediate=layers[0].intermediate - 1)
@@ -113,6 +119,7 @@ class Exporter(ABC):
     filename: ClassVar[str]  # what `prune --export NAME` writes inside the output directory
     description: ClassVar[str]
     options_class: ClassVar[type]
+    writes_directory: ClassVar[bool] = False  # `write` fills a directory (`io.atomic_dir`), not a file
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.options_class()
