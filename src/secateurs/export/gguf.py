@@ -400,20 +400,17 @@ class Safetensors:
     def __init__(self, source: Path, stack: ExitStack):
         from safetensors import safe_open
 
-        index = source / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (source / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ModelSourceError(f"{source} has no model.safetensors (or shard index)")
+        from secateurs.models.loading import weight_files
+
+        layout = weight_files(source)
+        if layout is None:
+            raise ModelSourceError(f"{source} has no readable model.safetensors (or shard index)")
         self.where: dict[str, Any] = {}
-        for name in files:
+        for file in sorted(set(layout.values())):
             try:
-                handle = stack.enter_context(safe_open(str(source / name), framework="pt"))
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
             except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-                raise ModelSourceError(f"cannot read {source / name}: {exc}") from exc
+                raise ModelSourceError(f"cannot read {file}: {exc}") from exc
             for key in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
                 self.where[key] = handle
 

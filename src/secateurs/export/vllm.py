@@ -41,6 +41,7 @@ from secateurs.export.base import Exporter, ExportError, Shapes
 from secateurs.io import atomic_write, atomic_write_json
 from secateurs.models import reshape
 from secateurs.models.adapters import adapter_for
+from secateurs.models.loading import WEIGHTS_INDEX, weight_files
 
 ARCHITECTURE = "DeciLMForCausalLM"
 MODEL_TYPE = "nemotron-nas"
@@ -157,14 +158,12 @@ def _copy_tokenizer(source: Path, path: Path) -> None:
 
 
 def _weight_files(source: Path) -> list[Path]:
-    from secateurs.surgery.restore import weight_files
-
     files = weight_files(source)
     if files is None:
         raise ExportError(f"no safetensors weights in {source}")
     out = sorted(set(files.values()))
-    if (source / "model.safetensors.index.json").is_file():
-        out.append(source / "model.safetensors.index.json")
+    if (source / WEIGHTS_INDEX).is_file():
+        out.append(source / WEIGHTS_INDEX)
     return out
 
 
@@ -252,8 +251,6 @@ def _missing_biases(shapes: Shapes, adapter, config: dict) -> dict[str, tuple[in
 def _write_weights(source: Path, path: Path, shapes: Shapes, adapter, config: dict) -> None:
     """The source tensors shard by shard (one shard in memory at a time), plus zero biases where the
     DeciLM switches need them; an index when the source is sharded."""
-    from secateurs.surgery.restore import weight_files
-
     files = weight_files(source) or {}
     missing = _missing_biases(shapes, adapter, config)
     unused = {  # the norms of no-op blocks: vLLM's layer has no module to load them into
@@ -275,7 +272,7 @@ def _write_weights(source: Path, path: Path, shapes: Shapes, adapter, config: di
         save_file(tensors, path / shard.name, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, shard.name)
     if len(shards) > 1:
-        atomic_write_json(path / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+        atomic_write_json(path / WEIGHTS_INDEX, {"metadata": {}, "weight_map": weight_map})
 
 
 def modeling_source() -> str:

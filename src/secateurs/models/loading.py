@@ -168,6 +168,33 @@ def model_id(source: str) -> str:
     return source
 
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def weight_files(directory: Path) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of a saved model directory (sharded or not); None if it has
+    none or they cannot be read. The one reader of a directory's weight layout: exports stream from it
+    and in-place methods restore layers from it."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if (directory / WEIGHTS_INDEX).is_file():
+        try:
+            index = json.loads((directory / WEIGHTS_INDEX).read_text(encoding="utf-8"))
+            return {name: directory / file for name, file in index["weight_map"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    single = directory / WEIGHTS_FILE
+    if not single.is_file():
+        return None
+    try:
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except Exception:  # noqa: BLE001 - an unreadable file is no weights to read
+        return None
+
+
 def _is_pruned_dir(path: Path) -> bool:
     try:
         with open(path / "config.json", encoding="utf-8") as f:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 from pathlib import Path
 
@@ -23,29 +22,9 @@ from safetensors import safe_open
 from torch import nn
 
 from secateurs.models.adapters import adapter_for
+from secateurs.models.loading import weight_files
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-
-def weight_files(directory: Path) -> dict[str, Path] | None:
-    """Tensor name -> safetensors file of a saved model directory (sharded or not); None if it has none."""
-    if (directory / INDEX_FILE).is_file():
-        try:
-            index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
-            return {name: directory / file for name, file in index["weight_map"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    single = directory / SINGLE_FILE
-    if not single.is_file():
-        return None
-    try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not a source to restore from
-        return None
 
 
 def _meta_copy(module: nn.Module, shared: object) -> nn.Module:
