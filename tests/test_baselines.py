@@ -143,7 +143,9 @@ def test_block_influence_fine_units_fall_back_to_magnitude():
 
 
 # -- every method: exact budgets -----------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-mha-bias"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen3", "llama-mha-bias", "gemma2", "gemma3", "olmo2", "granite"]
+)
 @pytest.mark.parametrize("name", BASELINES)
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_every_method_reaches_the_target(name, family, allocation):

@@ -370,7 +370,7 @@ def test_catastrophic_unit_is_protected_and_kept(monkeypatch):
 # -- the real evaluator on tiny models -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "granite"])
 @pytest.mark.parametrize("sparsity", [0.25, 0.5])
 def test_target_met_exactly_and_plan_applies(family, sparsity):
     model = tiny_model(family, layers=4)

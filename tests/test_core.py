@@ -117,7 +117,10 @@ def test_batched_masks_equal_one_at_a_time(family):
     torch.testing.assert_close(rep[2:4], _masked_logits(model, single[1], ids2), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+NEW_FAMILIES = ("gemma2", "gemma3", "olmo2", "granite")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", *NEW_FAMILIES])
 def test_uniform_plan_loads_with_plain_from_pretrained(family, tmp_path):
     model, ids = tiny_model(family), _ids()
     space = UnitSpace.from_model(model)
@@ -133,7 +136,7 @@ def test_uniform_plan_loads_with_plain_from_pretrained(family, tmp_path):
     assert count_parameters(plain) == count_parameters(pruned)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", *NEW_FAMILIES])
 def test_generate_matches_masked_greedy(family, tmp_path):
     """Generation exercises the KV cache, including removed attention blocks (layer 2) and layer 3."""
     model = tiny_model(family)
@@ -141,7 +144,7 @@ def test_generate_matches_masked_greedy(family, tmp_path):
     plan = random_plan(space, seed=3)
     plan.layers[0].drop_attn = True  # cache index 0 must still exist after renumbering
     pruned = apply_plan_(copy.deepcopy(model), plan)
-    ids = _ids(batch=1, length=5)
+    ids = _ids(batch=1, length=5)  # + 6 new tokens: past the tiny Gemmas' sliding window of 4
     with torch.inference_mode():
         out = pruned.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11)
@@ -220,7 +223,7 @@ def test_atomic_save_refuses_non_empty_and_keeps_it(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *NEW_FAMILIES])
 def test_evaluator_losses_match_full_logits(family):
     """Chunked, packed, masked losses equal plain cross-entropy on full logits, mask by mask."""
     from secateurs.eval.loss import SubmodelEvaluator, token_nll
@@ -240,3 +243,57 @@ def test_evaluator_losses_match_full_logits(family):
     assert ev.stats.forwards == 3 and ev.stats.tokens == 120
     with torch.inference_mode():
         torch.testing.assert_close(token_nll(model, windows, chunk=7), token_nll(model, windows, chunk=4096))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluator_loss_equals_the_models_own_loss(family):
+    """The evaluator computes losses from hidden states and lm_head, so what the family's CausalLM does
+    after lm_head (Granite's logits_scaling, Gemma's soft-capping) must be applied there too."""
+    from secateurs.eval.loss import SubmodelEvaluator
+
+    model = tiny_model(family)
+    space = UnitSpace.from_model(model)
+    windows = _ids(batch=3, length=10, seed=6)
+    masks = Masks.from_plan(random_plan(space, seed=1, corrections=False), space)
+    got = SubmodelEvaluator(model, windows).losses(Masks.stack([Masks.ones(space), masks]))
+    with torch.inference_mode():
+        dense = model(windows, labels=windows).loss
+        with masked(model, masks, space):
+            sub = model(windows, labels=windows).loss
+    torch.testing.assert_close(got, torch.stack([dense, sub]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_mixed_layer_types_follow_removed_layers_and_keep_cache_index_0(family, tmp_path):
+    model = tiny_model(family, layers=5)  # sliding, sliding, full, sliding, sliding
+    types = list(model.config.layer_types)
+    space = UnitSpace.from_model(model)
+    plan = Plan(
+        [LayerPlan(drop_attn=True, drop_mlp=True), LayerPlan(drop_attn=True), LayerPlan()]
+        + [LayerPlan(), LayerPlan(drop_attn=True)]
+    )
+    pruned = apply_plan_(copy.deepcopy(model), plan)
+    assert pruned.config.layer_types == types[1:]
+    attn = [adapter_for(pruned).attention(layer) for layer in adapter_for(pruned).decoder_layers(pruned)]
+    # sliding blocks take the first sliding cache indices, the full one the full index
+    assert [getattr(a, "layer_idx", None) for a in attn] == [None, 1, 0, None]
+    save_pruned(pruned, tmp_path / "m", plan)
+    loaded, _ = load_pruned(tmp_path / "m")
+    ids = _ids(length=12)
+    torch.testing.assert_close(
+        _logits(loaded, ids), _masked_logits(model, Masks.from_plan(plan, space), ids), atol=ATOL, rtol=0
+    )
+    every_sliding = Plan([LayerPlan(drop_attn=t != "full_attention") for t in types])
+    with pytest.raises(PlanError, match="sliding_attention attention block"):
+        apply_plan_(copy.deepcopy(model), every_sliding)
+
+
+@pytest.mark.parametrize(
+    ("arch", "missing"),
+    [("Phi3ForCausalLM", "fused qkv_proj"), ("MixtralForCausalLM", "mixture-of-experts")],
+)
+def test_structures_not_prunable_yet_are_named(arch, missing):
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2)
+    cfg.architectures = [arch]
+    with pytest.raises(UnsupportedModelError, match=missing):
+        adapter_for(cfg)

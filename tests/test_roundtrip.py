@@ -174,3 +174,22 @@ def test_damaged_pruned_directory_is_one_line_error(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("secateurs:")]
     assert len(lines) == 1 and "Traceback" not in err and str(out) in lines[0], err
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "granite"])
+def test_cli_prune_with_repair_then_eval_on_new_families(family, tmp_path, capsys):
+    model = tiny_model(family, layers=4, vocab_size=128)
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the dog." for i in range(60)))
+    small = ["--eval-seq-len", "16", "--eval-tokens", "64", "--nsamples", "4", "--seq-len", "16"]
+    data = ["--calib", str(text), "--eval", str(text), "--device", "cpu"]
+    out = tmp_path / "p"
+    args = ["prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.3", "--out", str(out)]
+    assert main([*args, *data, *small]) == 0
+    record = json.loads((out / "plan.json").read_text())
+    assert record["parameters"]["sparsity"] >= 0.3
+    assert main(["eval", str(out), "--data", str(text), "--seq-len", "16", "--eval-tokens", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out

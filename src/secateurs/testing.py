@@ -14,7 +14,11 @@ import transformers
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import UnitSpace
 
-FAMILIES = ("llama", "llama-mha-bias", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "llama-mha-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite")
+# Each breaks an assumption of the first four: head_dim independent of hidden / heads, four norms per
+# layer, soft-capping, sliding / full layer types (window 4 < the tests' 10-12 tokens, so types matter)
+# and tied embeddings (Gemma); full-width q/k norms (OLMo 2); multipliers, logits scaling, biases
+# (Granite). Multipliers and caps are far from 1 so that a loss that ignores them is visibly wrong.
 
 
 def tiny_config(family: str = "llama", layers: int = 4, vocab_size: int = 96):
@@ -43,10 +47,43 @@ def tiny_config(family: str = "llama", layers: int = 4, vocab_size: int = 96):
         cfg = transformers.Qwen3Config(
             **{**common, "num_attention_heads": 6, "num_key_value_heads": 2}, head_dim=8
         )
+    elif family in ("gemma2", "gemma3"):
+        gemma = dict(
+            common,
+            head_dim=16,  # 4 heads x 16 = 64 != hidden 32
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=[_gemma_type(i) for i in range(layers)],
+            final_logit_softcapping=3.0,
+            attn_logit_softcapping=5.0,
+            tie_word_embeddings=True,
+        )
+        if family == "gemma2":
+            cfg = transformers.Gemma2Config(**gemma)
+        else:
+            cfg = transformers.Gemma3TextConfig(**gemma)
+            cfg.architectures = ["Gemma3ForCausalLM"]  # the text-only checkpoints' class (gemma-3-270m)
+            return cfg
+    elif family == "olmo2":
+        cfg = transformers.Olmo2Config(**common)
+    elif family == "granite":
+        cfg = transformers.GraniteConfig(
+            **common,
+            attention_bias=True,
+            mlp_bias=True,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.3,
+            logits_scaling=4.0,
+        )
     else:
         raise ValueError(family)
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     return cfg
+
+
+def _gemma_type(i: int) -> str:
+    return "full_attention" if i % 3 == 2 else "sliding_attention"
 
 
 def tiny_model(

@@ -3,7 +3,8 @@
 Bonsai's sub-models, the policy gradient's K samples and the metric methods' checks all get losses here,
 so batching, chunked cross-entropy and (later) distributed workers live in one place. Losses never need
 full-vocabulary logits for every token at once: the decoder's final hidden states go through `lm_head`
-a few thousand tokens at a time.
+a few thousand tokens at a time, then through what the family's `*ForCausalLM` does after it
+(`FamilyAdapter.final_logits`: Granite's logits scaling, Gemma's soft-capping).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.errors import LossError
+from secateurs.models.adapters import adapter_for
 from secateurs.progress import progress as progress_bar
 from secateurs.units.masks import Masks, masked
 from secateurs.units.space import UnitSpace
@@ -27,12 +29,13 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk: int = LOGIT_CHUN
     """Per-row summed next-token NLL, [B], computed without materialising [B, T, vocab] logits."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
+    final = adapter_for(model).final_logits
     labels = input_ids[:, 1:]
     b, t, d = hidden.shape
     flat_h, flat_y = hidden.reshape(-1, d), labels.reshape(-1)
     out = torch.empty(b * t, device=hidden.device, dtype=torch.float32)
     for s in range(0, b * t, chunk):
-        logits = head(flat_h[s : s + chunk]).float()
+        logits = final(model.config, head(flat_h[s : s + chunk]).float())
         out[s : s + chunk] = F.cross_entropy(logits, flat_y[s : s + chunk], reduction="none")
     return out.view(b, t).sum(dim=1)
 

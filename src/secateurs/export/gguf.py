@@ -197,8 +197,9 @@ def layout(shapes: Shapes, pad: bool = False) -> Layout:
     """
     if shapes.family not in FAMILIES:
         raise ExportError(
-            f"GGUF export does not know the family {shapes.family!r}: add a Family row to FAMILIES in "
-            "secateurs/export/gguf.py"
+            f"GGUF export does not know the family {shapes.family!r} (supported: "
+            f"{', '.join(sorted(FAMILIES))}; its tensors and llama.cpp architecture were never checked "
+            "against llama.cpp): add a Family row to FAMILIES in secateurs/export/gguf.py"
         )
     fam = FAMILIES[shapes.family]
     stock = ARCHS[fam.uniform]

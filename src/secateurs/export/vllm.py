@@ -18,6 +18,8 @@ Anything else is written for vLLM's Nemotron-NAS architecture (`DeciLMForCausalL
   down biases, all for every layer: output-bias corrections are written with zero biases where a layer
   has none (exact).
 - The architecture is Llama's: no q/k norms (Qwen3) and no sliding window, so those are refused.
+- Families never run in vLLM by secateurs' tests (Gemma 2/3, OLMo 2, Granite) are refused even with
+  stock shapes (`UNVERIFIED`): their multipliers, soft-caps and norms are not something to guess about.
 - vLLM reads `block_config.attention.no_op` as attributes, so the directory carries its own config
   class (`modeling_secateurs_nas.py`, loaded with `trust_remote_code=True`), which also holds a
   transformers model class for the same config: `AutoModelForCausalLM.from_pretrained(DIR,
@@ -50,6 +52,13 @@ CONFIG_CLASS = "SecateursNasConfig"
 # Families whose layers are Llama's (q/k/v/o, gate/up/down, RMSNorm, rotary on the full head): what
 # DeciLM builds. Qwen3's q/k norms have no place in it.
 LLAMA_STYLE = ("llama", "mistral", "qwen2")
+# Families secateurs prunes whose vLLM export was never run against vLLM: refused, with the reason.
+UNVERIFIED = {
+    "gemma2": "soft-capping, four norms per layer and sliding/full layer types",
+    "gemma3": "per-head q/k norms, four norms per layer and sliding/full layer types",
+    "olmo2": "full-width q/k norms and norms after the blocks",
+    "granite": "embedding, residual and attention multipliers and logits scaling",
+}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -80,6 +89,12 @@ class VLLMExporter(Exporter):
     writes_directory: ClassVar[bool] = True
 
     def check_expressible(self, shapes: Shapes) -> None:
+        if shapes.family in UNVERIFIED:
+            raise ExportError(
+                f"vLLM export of the {shapes.family} family is not supported: secateurs has not checked "
+                f"vLLM against transformers for its {UNVERIFIED[shapes.family]}; use the pruned "
+                "directory with transformers"
+            )
         if _stock(shapes):
             return
         where = "a plan with these units may give" if shapes.hypothetical else "the model has"

@@ -2,8 +2,21 @@
 
 Every family secateurs supports is one `FamilyAdapter` row in `ADAPTERS`, keyed by the
 `config.architectures[0]` string that Hugging Face writes into `config.json`. Code elsewhere never asks
-"is this Llama?"; it reads the row. Adding a family with the usual `q/k/v/o` + `gate/up/down` layout is
-one new entry here.
+"is this Llama?"; it reads the row. What a new family needs:
+
+- separate `q/k/v/o` and `gate/up/down` linears (any names), with GQA groups in contiguous rows of
+  `k`/`v` (`head_dim` rows each) and `q` (`q_per_kv * head_dim` rows each): then one row here;
+- q/k norms: per head (`head_dim` wide: Qwen3, Gemma 3) need nothing; norms over the whole projected
+  width (OLMo 2) are the `QK_NORM_FULL_WIDTH` strategy (`qk_norm=`), whose weights follow the kept rows;
+- norms before or after the blocks, multipliers inside the decoder (Granite's embedding, residual and
+  attention multipliers, Gemma's embedding scaling) need nothing: masks and surgery act on the output
+  projections, and a removed block's zero output stays zero through a post-norm;
+- anything the `*ForCausalLM` does to the logits after `lm_head` must be named here
+  (`logits_divisor`, `logits_softcap`), because the evaluator computes losses from the decoder's hidden
+  states and `lm_head` itself (chunked) and applies them with `final_logits`.
+
+Fused projections (Phi-3's `qkv_proj` / `gate_up_proj`) and mixture-of-experts MLPs have no strategy
+yet: they are rows of `NOT_YET`, refused by name before any weights load.
 """
 
 from __future__ import annotations
@@ -19,6 +32,9 @@ from secateurs.models.reshape import SkipAttention, SkipMLP
 
 class UnsupportedModelError(SecateursError):
     """The model's architecture has no adapter; the message names the table to extend."""
+
+
+QK_NORM_FULL_WIDTH = "full_width"  # one q (k) norm over all heads' rows (OLMo 2), not one per head
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,16 @@ class FamilyAdapter:
     down: str = "down_proj"
     o_bias_native: str | None = None
     down_bias_native: str | None = None
+    model_type: str = ""  # the config's `model_type` when it is not `name` (configs built in code)
+    # q/k norm strategy: None (no norms, or per-head norms, which no unit changes) or QK_NORM_FULL_WIDTH
+    # (one norm over all heads' rows: its weight is sliced with them, masks renormalise over kept rows).
+    qk_norm: str | None = None
+    q_norm: str = "q_norm"
+    k_norm: str = "k_norm"
+    qk_norm_eps: str = "variance_epsilon"  # the full-width norms' epsilon attribute
+    # config keys of what the CausalLM does to the logits after lm_head (see `final_logits`)
+    logits_divisor: str | None = None  # logits / config[key] (Granite's logits_scaling)
+    logits_softcap: str | None = None  # cap * tanh(logits / cap) (Gemma's final_logit_softcapping)
 
     # -- module access ---------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -64,6 +90,25 @@ class FamilyAdapter:
     def mlp_linears(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         m = self.mlp_module(layer)
         return getattr(m, self.gate), getattr(m, self.up), getattr(m, self.down)
+
+    @property
+    def full_width_qk_norm(self) -> bool:
+        return self.qk_norm == QK_NORM_FULL_WIDTH
+
+    def qk_norms(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The full-width q/k norms of a layer (only for `QK_NORM_FULL_WIDTH` families)."""
+        a = self.attention(layer)
+        return getattr(a, self.q_norm), getattr(a, self.k_norm)
+
+    def final_logits(self, config, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's `*ForCausalLM.forward` does to `lm_head`'s output, for losses computed from
+        hidden states (`eval.loss.token_nll`)."""
+        if self.logits_divisor is not None:
+            logits = logits / getattr(config, self.logits_divisor)
+        cap = getattr(config, self.logits_softcap, None) if self.logits_softcap else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {
@@ -89,6 +134,51 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         modeling_module="transformers.models.qwen3.modeling_qwen3",
         causal_lm_class="Qwen3ForCausalLM",
     ),
+    # Gemma 2: four norms per layer (post-norms see a removed block's zeros), embedding scaling, attention
+    # and final-logit soft-capping, sliding/full `layer_types`, tied embeddings, GELU-tanh gating.
+    "Gemma2ForCausalLM": FamilyAdapter(
+        name="gemma2",
+        modeling_module="transformers.models.gemma2.modeling_gemma2",
+        causal_lm_class="Gemma2ForCausalLM",
+        logits_softcap="final_logit_softcapping",
+    ),
+    # Gemma 3 (text): as Gemma 2, plus per-head q/k norms (head_dim wide, untouched by any unit).
+    "Gemma3ForCausalLM": FamilyAdapter(
+        name="gemma3",
+        model_type="gemma3_text",
+        modeling_module="transformers.models.gemma3.modeling_gemma3",
+        causal_lm_class="Gemma3ForCausalLM",
+        logits_softcap="final_logit_softcapping",
+    ),
+    # OLMo 2: q/k RMS norms over the whole projected width; norms after the blocks.
+    "Olmo2ForCausalLM": FamilyAdapter(
+        name="olmo2",
+        modeling_module="transformers.models.olmo2.modeling_olmo2",
+        causal_lm_class="Olmo2ForCausalLM",
+        qk_norm=QK_NORM_FULL_WIDTH,
+    ),
+    # Granite: embedding / residual / attention multipliers live inside the decoder; logits_scaling not.
+    "GraniteForCausalLM": FamilyAdapter(
+        name="granite",
+        modeling_module="transformers.models.granite.modeling_granite",
+        causal_lm_class="GraniteForCausalLM",
+        o_bias_native="attention_bias",
+        down_bias_native="mlp_bias",
+        logits_divisor="logits_scaling",
+    ),
+}
+
+# Architectures users bring whose structure secateurs cannot prune yet: what is missing, said before any
+# weights load (a row moves to ADAPTERS when its strategy exists).
+NOT_YET: dict[str, str] = {
+    "Phi3ForCausalLM": "fused qkv_proj and gate_up_proj (a GQA group or channel is rows of a fused matrix)",
+    "MixtralForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
+    "Qwen2MoeForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
+    "Qwen3MoeForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
+    "OlmoeForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
+    "GraniteMoeForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
+    "Gemma3ForConditionalGeneration": "the vision tower of multimodal Gemma 3 (text-only Gemma3ForCausalLM "
+    "checkpoints, such as gemma-3-270m and gemma-3-1b, are supported)",
 }
 
 
@@ -100,7 +190,7 @@ def architecture_of(config) -> str:
     if archs and archs[0] != LEGACY_ARCHITECTURE:
         return archs[0]
     # Configs built in code (tests, from_config) carry no `architectures`; the model_type names the family.
-    by_type = {a.name: arch for arch, a in ADAPTERS.items()}
+    by_type = {a.model_type or a.name: arch for arch, a in ADAPTERS.items()}
     return by_type.get(getattr(config, "model_type", ""), getattr(config, "model_type", "?"))
 
 
@@ -108,6 +198,11 @@ def adapter_for(model_or_config) -> FamilyAdapter:
     """Look up the adapter by architecture; an unknown one is a clear error, not a guess."""
     config = getattr(model_or_config, "config", model_or_config)
     arch = architecture_of(config)
+    if arch in NOT_YET:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported yet: secateurs cannot prune {NOT_YET[arch]}. "
+            f"Supported: {', '.join(sorted(ADAPTERS))}."
+        )
     try:
         return ADAPTERS[arch]
     except KeyError:

@@ -5,7 +5,8 @@ output directory as `modeling_secateurs.py`, with a footer that subclasses the f
 (under its own `model_type`) and `*ForCausalLM`. So `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and
 `secateurs.load(dir)` build the model with the very same code.
 
-`config.secateurs` holds {"schema", "family", "names": {...module names...}, "layers": [spec, ...]} where a spec is
+`config.secateurs` holds {"schema", "family", "names": {...module names...}, "layers": [spec, ...]} where the
+names carry "q_norm" / "k_norm" only for q/k norms as wide as the projections, and a spec is
 {"kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias"}.
 """
 
@@ -41,17 +42,27 @@ def _linear_like(old: nn.Linear, in_f: int, out_f: int, bias: bool) -> nn.Linear
 
 
 def renumber_attention(model: nn.Module, names: dict) -> None:
-    """Give the attention blocks that remain consecutive cache indices 0..n-1.
+    """Give the attention blocks that remain the first cache indices of their layer type.
 
-    KV caches are indexed by `layer_idx` and report their length from index 0, so removed attention
-    blocks must not leave holes.
+    KV caches are indexed by `layer_idx`, report their length from index 0, and build each index's kind
+    (full or sliding window) from `config.layer_types[index]`, so removed attention blocks must leave no
+    hole in front and must not shift a block onto an index of the other type. With one layer type this
+    is 0..n-1; with mixed types (Gemma) the k-th remaining sliding block takes the k-th sliding index.
     """
-    idx = 0
-    for layer in model.get_submodule(names["layers"]):
+    layers = model.get_submodule(names["layers"])
+    types = list(getattr(model.config, "layer_types", None) or [None] * len(layers))
+    free: dict = {}
+    for j, t in enumerate(types):
+        free.setdefault(t, []).append(j)
+    for i, layer in enumerate(layers):
         attn = getattr(layer, names["attn"])
         if not isinstance(attn, SkipAttention):
-            attn.layer_idx = idx
-            idx += 1
+            attn.layer_idx = free[types[i]].pop(0)
+
+
+def _resize_norm_(norm: nn.Module, width: int) -> None:
+    old = norm.weight
+    norm.weight = nn.Parameter(torch.empty(width, device=old.device, dtype=old.dtype))
 
 
 def reshape_(model: nn.Module, secateurs: dict) -> None:
@@ -74,6 +85,9 @@ def reshape_(model: nn.Module, secateurs: dict) -> None:
                 setattr(attn, names[key], _linear_like(old, hidden, out_f, old.bias is not None))
             old = getattr(attn, names["o"])
             setattr(attn, names["o"], _linear_like(old, heads * hd, hidden, spec["o_bias"]))
+            if "q_norm" in names:  # q/k norms over the whole projected width (OLMo 2)
+                _resize_norm_(getattr(attn, names["q_norm"]), heads * hd)
+                _resize_norm_(getattr(attn, names["k_norm"]), spec["kv_heads"] * hd)
         if not spec["mlp"]:
             setattr(layer, names["mlp"], SkipMLP())
         else:

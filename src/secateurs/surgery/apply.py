@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 
 def adapter_names(adapter: FamilyAdapter) -> dict[str, str]:
     d = asdict(adapter)
-    return {k: d[k] for k in ("layers", "attn", "q", "k", "v", "o", "mlp", "gate", "up", "down")}
+    keys = ("layers", "attn", "q", "k", "v", "o", "mlp", "gate", "up", "down")
+    if adapter.full_width_qk_norm:  # reshape_ resizes these norms with the projections
+        keys += ("q_norm", "k_norm")
+    return {k: d[k] for k in keys}
 
 
 def _sliced(old: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
@@ -63,6 +66,9 @@ def prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyA
         for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
             setattr(attn, name, _sliced(getattr(attn, name), rows, None))
         setattr(attn, a.o, _sliced(getattr(attn, a.o), None, q_rows))
+        if a.full_width_qk_norm:  # the norm's weight follows the rows it normalises
+            for norm, rows in zip(a.qk_norms(layer), (q_rows, kv_rows), strict=True):
+                norm.weight = nn.Parameter(norm.weight.index_select(0, rows))
     if lp.attn_bias is not None:
         _add_bias_(getattr(attn, a.o), lp.attn_bias)
 
@@ -132,14 +138,23 @@ def start_surgery(model: nn.Module, plan: Plan) -> tuple[UnitSpace, Plan]:
     """The model's unit space and the plan validated against it (before any weight is touched)."""
     space = UnitSpace.from_model(model)
     plan = plan.canonical(space)
-    layer_types = getattr(model.config, "layer_types", None)
-    if (
-        layer_types
-        and len(set(layer_types)) > 1
-        and any(lp.drop_attn and not lp.drop_mlp for lp in plan.layers)
-    ):
-        raise PlanError("dropping single attention blocks in a model with mixed layer types is not supported")
+    _check_layer_types(model.config, plan)
     return space, plan
+
+
+def _check_layer_types(config, plan: Plan) -> None:
+    """With mixed layer types (sliding / full), cache index 0 must stay in use after renumbering (see
+    `renumber_attention`): some attention block of the first surviving layer's type must remain."""
+    types = getattr(config, "layer_types", None)
+    if not types or len(set(types)) < 2:
+        return
+    kept = [(t, lp) for t, lp in zip(types, plan.layers, strict=True) if not lp.drops_layer]
+    first = kept[0][0]
+    if not any(t == first and not lp.drop_attn for t, lp in kept):
+        raise PlanError(
+            f"the plan removes every {first} attention block, but the model's first layer is {first}: "
+            "its KV cache would start empty. Keep one such attention block."
+        )
 
 
 def finish_surgery_(model: nn.Module, plan: Plan, space: UnitSpace) -> nn.Module:

@@ -4,6 +4,9 @@ No weight is copied or edited and no modelling code is forked: a pre-hook on `o_
 head's slice of its input, a pre-hook on `down_proj` scales `act(gate) * up`, and forward hooks add
 bias corrections and scale the block's residual contribution. Every mask has a leading batch dimension,
 so each row of an input batch can carry its own sub-model: many masks, one forward.
+
+Norms as wide as the projections (OLMo 2's q/k norms, `FamilyAdapter.qk_norm`) average over every head,
+so a pruned model's norm sees only the kept heads: their forward hook renormalises over the kept rows.
 """
 
 from __future__ import annotations
@@ -149,6 +152,24 @@ def _output_hook(block: torch.Tensor, bias: torch.Tensor | None):
     return hook
 
 
+def _full_width_norm_hook(unit_mask: torch.Tensor, width: int, eps_attr: str):
+    """An RMS norm (`w * x / rms(x)`, in float32) over the kept entries only, as after slicing; rows that
+    keep everything keep the module's own output bit for bit."""
+
+    def hook(module, args, out):
+        (x,) = args
+        keep = (_rows(unit_mask, x.shape[0]) != 0).repeat_interleave(width, dim=1)
+        if bool(keep.all()):
+            return out
+        keep = keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
+        xf, k = x.float(), keep.float()
+        var = (xf.pow(2) * k).sum(-1, keepdim=True) / k.sum(-1, keepdim=True).clamp(min=1)
+        new = (module.weight * (xf * torch.rsqrt(var + getattr(module, eps_attr)))).to(x.dtype)
+        return torch.where(keep.all(dim=-1, keepdim=True), out, new)
+
+    return hook
+
+
 @contextmanager
 def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> Iterator[nn.Module]:
     """Run `model` as the sub-model(s) described by `masks` inside the `with` block.
@@ -175,6 +196,12 @@ def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> It
                 block = masks.attn_block[:, i] * (gm.sum(dim=1) > 0).to(gm.dtype)
                 handles.append(o.register_forward_pre_hook(_scale_input_hook(gm, g.q_per_kv * g.head_dim)))
                 handles.append(o.register_forward_hook(_output_hook(block, masks.attn_bias[i])))
+                if space.adapter.full_width_qk_norm:
+                    eps = space.adapter.qk_norm_eps
+                    q_norm, k_norm = space.adapter.qk_norms(layer)
+                    hook = _full_width_norm_hook(gm, g.q_per_kv * g.head_dim, eps)
+                    handles.append(q_norm.register_forward_hook(hook))
+                    handles.append(k_norm.register_forward_hook(_full_width_norm_hook(gm, g.head_dim, eps)))
             if g.has_mlp:
                 down = space.adapter.mlp_linears(layer)[2]
                 cm = masks.channels[i]

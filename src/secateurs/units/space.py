@@ -3,7 +3,9 @@
 Sparsity targets, budgets, projections and reports all read costs from here, so "50% sparsity" means
 the same thing to every method. The definition (stated in every report, see `SPARSITY_DEFINITION`):
 the fraction of attention + MLP *linear* parameters (weights and biases) removed. Embeddings, `lm_head`
-and norms are excluded; Qwen3's per-head q/k norms are shared by all heads and are not unit costs.
+and norms are excluded; Qwen3's and Gemma 3's per-head q/k norms are shared by all heads and are not unit
+costs. Only norms as wide as the projections (OLMo 2's q/k norms) lose entries with a GQA group; those
+entries are part of the group's cost, so that costs stay the real parameter counts.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class LayerUnits:
     """One layer's units and their exact costs."""
 
     geometry: LayerGeometry
-    group_cost: int  # q and o rows of qpk heads + k and v rows of one head (+ their bias entries)
+    group_cost: int  # q and o rows of qpk heads + k and v rows of one head (+ bias, full-width norm entries)
     channel_cost: int  # gate and up rows + down column (+ gate/up bias entries)
     attn_fixed: int  # o_proj bias: goes only with the whole block
     mlp_fixed: int  # down_proj bias: goes only with the whole block
@@ -94,6 +96,8 @@ def _layer_units(layer: nn.Module, g: LayerGeometry, adapter: FamilyAdapter, hid
     if g.has_mlp:
         gate, up, down = adapter.mlp_linears(layer)
     group_cost = (2 * qpk + 2) * hd * hidden + hd * (qpk * _bias_size(q) + _bias_size(k) + _bias_size(v))
+    if adapter.full_width_qk_norm:
+        group_cost += (qpk + 1) * hd  # the group's entries of the q and k norm weights
     channel_cost = 3 * hidden + _bias_size(gate) + _bias_size(up)
     return LayerUnits(
         geometry=g,
