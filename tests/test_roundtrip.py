@@ -51,19 +51,16 @@ def test_prune_save_load_twice_then_generate(family, tmp_path):
     assert out.shape == (1, ids.shape[1] + 6)
 
 
-def test_directory_with_the_old_class_name_still_loads(tmp_path):
-    """Outputs of secateurs 0.1.0 name `SecateursForCausalLM`; they must keep loading."""
-    model = tiny_model("llama")
+def _as_older_version(family, tmp_path, rewrite):
+    """A heterogeneous output whose config.json `rewrite` turns into what an older secateurs wrote; it
+    must load with the same logits."""
+    model = tiny_model(family)
     plan = random_plan(UnitSpace.from_model(model), seed=0)
     secateurs.apply_plan_(model, plan)
     secateurs.save(model, tmp_path / "old", plan)
     path = tmp_path / "old" / "config.json"
     cfg = json.loads(path.read_text())
-    cfg["architectures"] = ["SecateursForCausalLM"]
-    cfg["model_type"] = "llama"  # as 0.1.0 wrote it
-    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
-    cfg["secateurs"].pop("family", None)
-    cfg["secateurs"].pop("schema", None)
+    rewrite(cfg)
     path.write_text(json.dumps(cfg))
     loaded, _ = secateurs.load_model(str(tmp_path / "old"), device="cpu")
     ids = _ids()
@@ -71,22 +68,28 @@ def test_directory_with_the_old_class_name_still_loads(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
 
 
+def test_directory_with_the_old_class_name_still_loads(tmp_path):
+    """Outputs of secateurs 0.1.0 name `SecateursForCausalLM`; they must keep loading."""
+
+    def schema_1(cfg):
+        cfg["architectures"] = ["SecateursForCausalLM"]
+        cfg["model_type"] = "llama"  # as 0.1.0 wrote it
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_secateurs.SecateursForCausalLM"}
+        cfg["secateurs"].pop("family", None)
+        cfg["secateurs"].pop("schema", None)
+
+    _as_older_version("llama", tmp_path, schema_1)
+
+
 def test_schema_2_directory_still_loads(tmp_path):
     """Outputs of schema 2 kept the stock `model_type` and mapped only the model class."""
-    model = tiny_model("qwen2")
-    plan = random_plan(UnitSpace.from_model(model), seed=0)
-    secateurs.apply_plan_(model, plan)
-    secateurs.save(model, tmp_path / "s2", plan)
-    path = tmp_path / "s2" / "config.json"
-    cfg = json.loads(path.read_text())
-    cfg["model_type"] = "qwen2"
-    cfg["auto_map"].pop("AutoConfig")
-    cfg["secateurs"]["schema"] = 2
-    path.write_text(json.dumps(cfg))
-    loaded, _ = secateurs.load_model(str(tmp_path / "s2"), device="cpu")
-    ids = _ids()
-    with torch.inference_mode():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+    def schema_2(cfg):
+        cfg["model_type"] = "qwen2"
+        cfg["auto_map"].pop("AutoConfig")
+        cfg["secateurs"]["schema"] = 2
+
+    _as_older_version("qwen2", tmp_path, schema_2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
