@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from secateurs.export.base import Exporter, ExportError, Shapes
+from secateurs.export.base import Exporter, ExportError, Shapes, shapes_of
 from secateurs.io import atomic_write, atomic_write_json
 from secateurs.models import reshape
 from secateurs.models.adapters import adapter_for
@@ -124,12 +124,11 @@ class VLLMExporter(Exporter):
             )
 
     def write(self, source: Path, path: Path) -> dict[str, Any]:
-        from secateurs.export.base import shapes_of
+        """`path`: the temporary directory `export` made; `check_expressible` has passed."""
         from secateurs.surgery.saving import load_skeleton
 
         skeleton = load_skeleton(source)
         shapes = shapes_of(skeleton)
-        self.check_expressible(shapes)
         path.mkdir(parents=True, exist_ok=True)
         raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
         _copy_tokenizer(source, path)
