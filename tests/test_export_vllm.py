@@ -252,3 +252,37 @@ def test_vllm_greedy_equals_transformers_on_the_default_model(uniform, tmp_path)
     assert lines, r.stderr[-3000:]
     got = json.loads(lines[0][len("TOKENS ") :])
     assert got == want and len(set(want)) >= MIN_DISTINCT
+
+
+def test_prune_export_vllm_needs_uniform_attention_and_then_writes_it(tmp_path, capsys, monkeypatch):
+    """`prune --export vllm` refuses before the search when groups may differ per layer; with
+    `--attention-allocation uniform` it writes OUT/vllm, which loads and matches the saved model."""
+    from helpers_cli import small
+    from helpers_tokenizer import tiny_tokenizer
+    from secateurs.cli import main
+
+    model = tiny_model("llama", layers=4, seed=MODEL_SEED, vocab_size=128)
+    model.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text(
+        "\n\n".join(f"Paragraph {i}: the fox and the gardener prune hedge {i}." * 4 for i in range(40))
+    )
+    argv = [
+        *("prune", str(tmp_path / "dense"), "--method", "flap", "--sparsity", "0.4"),
+        *("--calib", str(text), "--eval", str(text), *small(), "--no-eval", "--export", "vllm"),
+    ]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "--attention-allocation uniform" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*argv, "--attention-allocation", "uniform", "--out", str(tmp_path / "out")]) == 0
+    saved, _ = secateurs.load(tmp_path / "out")
+    exported = (
+        _load_export(tmp_path / "out" / "vllm")
+        if (tmp_path / "out" / "vllm" / "modeling_secateurs_nas.py").is_file()
+        else transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "vllm").eval()
+    )
+    ids = torch.randint(4, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(ids).logits, saved(ids).logits, atol=1e-5, rtol=0)
