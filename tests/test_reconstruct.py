@@ -232,3 +232,51 @@ def test_bias_budget_only_for_blocks_the_units_can_prune_partly():
     assert paying_for_repair(MethodConfig(sparsity=0.3, units=("layer",)), space, bias).sparsity == 0.3
     assert paying_for_repair(MethodConfig(sparsity=0.3), space, bias).sparsity > 0.3
     assert paying_for_repair(MethodConfig(sparsity=0.3), space, ReconstructConfig()).sparsity == 0.3
+
+
+def test_repair_windows_default_to_their_own_larger_shape_within_the_context():
+    """The repair's default windows (REPAIR_WINDOWS x REPAIR_SEQ_LEN) never shrink below the method's,
+    stay within the model's context, and an explicit length beyond it is refused."""
+    from secateurs.errors import ConfigError
+    from secateurs.pipeline import DataConfig, repair_shape
+    from secateurs.surgery.reconstruct import REPAIR_SEQ_LEN, REPAIR_WINDOWS
+
+    default = ReconstructConfig()
+    assert repair_shape(DataConfig(), default, 2048) == (REPAIR_WINDOWS, REPAIR_SEQ_LEN)
+    assert repair_shape(DataConfig(nsamples=500, seq_len=512), default, 2048) == (500, 512)
+    assert repair_shape(DataConfig(seq_len=16), default, 64) == (REPAIR_WINDOWS, 64)
+    asked = ReconstructConfig(reconstruct_nsamples=8, reconstruct_seq_len=32)
+    assert repair_shape(DataConfig(), asked, 64) == (8, 32)
+    with pytest.raises(ConfigError, match="--reconstruct-seq-len 128 is longer"):
+        repair_shape(DataConfig(), ReconstructConfig(reconstruct_seq_len=128), 64)
+
+
+def test_default_repair_windows_shrink_to_a_short_text_but_asked_ones_do_not(tiny_dir, caplog):
+    from helpers_tokenizer import tiny_tokenizer
+    from secateurs.errors import DataError
+    from secateurs.pipeline import DataConfig, repair_windows
+
+    tok = tiny_tokenizer()
+    _, path = tiny_dir
+    data = DataConfig(calib=str(path), eval=str(path), nsamples=4, seq_len=16)
+    windows = repair_windows(tok, data, ReconstructConfig(), context=64)
+    assert windows.shape[1] == 64 and 2 <= windows.shape[0] < 128
+    assert "not the repair's default 128" in caplog.text
+    with pytest.raises(DataError, match="need"):
+        repair_windows(tok, data, ReconstructConfig(reconstruct_nsamples=128), context=64)
+
+
+def test_apply_of_an_old_plan_keeps_the_windows_it_was_repaired_with():
+    """plan.json files written before the repair had its own default windows recorded 0 ("the
+    method's"): `apply` must refit on those, not on today's default."""
+    from secateurs.cli import _recorded_repair
+
+    old = {
+        "reconstruct": {"settings": {"reconstruct": "lstsq", "reconstruct_nsamples": 0}},
+        "report": {"data": {"nsamples": 32, "seq_len": 128}},
+    }
+    got = _recorded_repair(old)
+    assert got["reconstruct_nsamples"] == 32 and got["reconstruct_seq_len"] == 128
+    new = {"reconstruct": {"settings": {"reconstruct": "lstsq"}, "calib": {"nsamples": 128, "seq_len": 256}}}
+    got = _recorded_repair(new)
+    assert got["reconstruct_nsamples"] == 128 and got["reconstruct_seq_len"] == 256

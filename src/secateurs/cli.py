@@ -415,12 +415,20 @@ def cmd_apply(args) -> int:
 
 
 def _recorded_repair(recorded: dict) -> dict[str, Any]:
-    """The repair settings a plan.json records (none before secateurs recorded them: the defaults)."""
-    settings = dict((recorded.get("reconstruct") or {}).get("settings") or {})
-    if settings and "reconstruct_toward" not in settings:
-        settings["reconstruct_toward"] = (
-            "zero"  # recorded before the ridge could pull toward the kept weights
-        )
+    """The repair settings a plan.json records (none before secateurs recorded them: the defaults), with
+    the window shape the run used, so a later change of the default windows does not change `apply`."""
+    repair = recorded.get("reconstruct") or {}
+    settings = dict(repair.get("settings") or {})
+    if not settings:
+        return settings
+    if "reconstruct_toward" not in settings:
+        settings["reconstruct_toward"] = "zero"  # recorded before the ridge could pull toward the kept weights
+    used = repair.get("calib") or {}
+    # Recorded before the shape was: 0 then meant the method's own windows (`report.data`).
+    data = (recorded.get("report") or {}).get("data") or {}
+    for key, data_key in (("reconstruct_nsamples", "nsamples"), ("reconstruct_seq_len", "seq_len")):
+        if not settings.get(key):
+            settings[key] = used.get(data_key) or data.get(data_key) or 0
     return settings
 
 

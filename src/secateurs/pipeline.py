@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from secateurs.checkpoint import clear_state
-from secateurs.data import eval_windows, load_documents, sample_windows
+from secateurs.data import eval_windows, load_documents, sample_windows, token_stream
 from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import ConfigError, DataError
 from secateurs.eval.loss import perplexity
@@ -35,7 +35,13 @@ from secateurs.io import (
 from secateurs.methods.base import MethodConfig, get_method
 from secateurs.scoring.select import check_reachable, target_params
 from secateurs.surgery.apply import apply_plan_
-from secateurs.surgery.reconstruct import ReconstructConfig, bias_budget, reconstruct_
+from secateurs.surgery.reconstruct import (
+    REPAIR_SEQ_LEN,
+    REPAIR_WINDOWS,
+    ReconstructConfig,
+    bias_budget,
+    reconstruct_,
+)
 from secateurs.surgery.saving import plan_record, save_pruned
 from secateurs.units.plan import Plan
 from secateurs.units.space import SPARSITY_DEFINITION, UnitSpace, count_parameters
@@ -278,13 +284,38 @@ def _pruned_bytes(model: nn.Module, space: UnitSpace, sparsity: float) -> int:
     return (count_parameters(model) - target_params(space, sparsity)) * element
 
 
-def repair_windows(tokenizer, data: DataConfig, repair: ReconstructConfig) -> torch.Tensor:
-    """The repair's own calibration windows: the calibration text's, at the repair's count and length
-    (by default the method's, so the same windows), so a larger fit never changes a method's search
-    budget."""
+def repair_shape(data: DataConfig, repair: ReconstructConfig, context: int | None) -> tuple[int, int]:
+    """(windows, length) of the repair's calibration: what was asked for, else the repair's default
+    (`REPAIR_WINDOWS` x `REPAIR_SEQ_LEN`, the length within the model's context) or the method's own
+    windows where those are larger, so a repair never sees less than the search did."""
+    seq_len = repair.reconstruct_seq_len
+    if seq_len and context and seq_len > context and not data.allow_long_context:
+        raise ConfigError(
+            f"--reconstruct-seq-len {seq_len} is longer than the model's context ({context} tokens); use a "
+            "shorter window or --allow-long-context"
+        )
+    if not seq_len:
+        seq_len = max(data.seq_len, min(REPAIR_SEQ_LEN, context or REPAIR_SEQ_LEN))
+    return repair.reconstruct_nsamples or max(data.nsamples, REPAIR_WINDOWS), seq_len
+
+
+def repair_windows(
+    tokenizer, data: DataConfig, repair: ReconstructConfig, context: int | None = None
+) -> torch.Tensor:
+    """The repair's own calibration windows, from the calibration text's calibration part, so a larger
+    fit never changes a method's search budget. A default window count that the text cannot hold shrinks
+    to what it holds (with a warning); a count the user asked for is an error instead."""
     docs = load_documents(data.calib, "calib", data.text_field)
-    n = repair.reconstruct_nsamples or data.nsamples
-    return sample_windows(tokenizer, docs, n, repair.reconstruct_seq_len or data.seq_len, data.seed)
+    n, seq_len = repair_shape(data, repair, context)
+    if not repair.reconstruct_nsamples:
+        fits = token_stream(tokenizer, docs).numel() // seq_len
+        if fits < n:
+            log.warning(
+                "the calibration text holds %d windows of %d tokens, not the repair's default %d: using %d",
+                fits, seq_len, n, max(fits, 2),
+            )  # fmt: skip
+            n = max(fits, 2)  # fewer than 2 fails in sample_windows with the text's length in the message
+    return sample_windows(tokenizer, docs, n, seq_len, data.seed)
 
 
 def paying_for_repair(config: MethodConfig, space: UnitSpace, repair: ReconstructConfig) -> MethodConfig:
@@ -300,7 +331,8 @@ def run_repair(
     model: nn.Module, plan: Plan, tokenizer, data: DataConfig, repair: ReconstructConfig, batch_size: int
 ) -> dict[str, Any]:
     """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time)."""
-    windows = repair_windows(tokenizer, data, repair) if repair.reconstruct != "none" else None
+    context = getattr(model.config, "max_position_embeddings", None)
+    windows = repair_windows(tokenizer, data, repair, context) if repair.reconstruct != "none" else None
     with measure() as m:
         if windows is None:
             apply_plan_(model, plan)
@@ -309,7 +341,13 @@ def run_repair(
             record = reconstruct_(model, plan, windows, repair, batch_rows=batch_size)
     record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2)}
     if windows is not None:
-        record["calib"] = {"source": data.calib, "seed": data.seed, "windows": tensor_digest(windows)}
+        record["calib"] = {
+            "source": data.calib,
+            "seed": data.seed,
+            "nsamples": windows.shape[0],
+            "seq_len": windows.shape[1],
+            "windows": tensor_digest(windows),
+        }
     return record
 
 

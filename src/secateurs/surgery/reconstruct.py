@@ -73,6 +73,12 @@ MIN_BATCHES = 4  # batches of windows in the repair's passes; the held-out share
 GRAM_DTYPE = torch.float64  # sums of ~1e5-1e6 outer products: float32 loses the small eigenvalues
 MIN_ENERGY = 1e-30  # relative errors of a module whose outputs are all zero stay finite
 SOLVE_JITTER = 1e-10  # x mean diagonal, so that lambda = 0 on a rank-deficient Gram block still solves
+# The repair's own calibration by default: 128 windows of 256 tokens (32,768 tokens, about 21 per unknown
+# of SmolLM2's widest row), or the method's windows where those are larger. Measured (README): wanda-sp at
+# 50%, seeds 0/1/2, held-out perplexity 151.8 / 152.0 / 147.2 against 204.5 / 209.3 / 181.6 with the
+# method's 32 x 128; the cost is about 4 minutes instead of 0.5 on 2 cores for the default model.
+REPAIR_WINDOWS = 128
+REPAIR_SEQ_LEN = 256
 
 
 @dataclass
@@ -88,9 +94,16 @@ class ReconstructConfig:
         default=False, metadata={"help": "lstsq also fits an output bias (budgeted before selection)"}
     )
     reconstruct_nsamples: int = field(
-        default=0, metadata={"help": "calibration windows of the repair (0: the method's, --nsamples)"}
+        default=0,
+        metadata={
+            "help": f"calibration windows of the repair (0: {REPAIR_WINDOWS}, or --nsamples if larger; "
+            "fewer where the text is short)"
+        },
     )
-    reconstruct_seq_len: int = field(default=0, metadata={"help": "their length (0: --seq-len)"})
+    reconstruct_seq_len: int = field(
+        default=0,
+        metadata={"help": f"their length (0: {REPAIR_SEQ_LEN} within the model's context, or --seq-len if longer)"},
+    )
     reconstruct_toward: str = field(
         default="kept",
         metadata={"help": "what the ridge pulls toward: zero | kept (the sliced weights; inf = no refit)"},
@@ -127,7 +140,7 @@ class ReconstructConfig:
             or self.reconstruct_seq_len < 0
         ):
             raise ConfigError(
-                "reconstruct needs at least 2 windows of at least 2 tokens (0: as the calibration)"
+                "reconstruct needs at least 2 windows of at least 2 tokens (0: the default)"
             )
 
     @property
