@@ -422,7 +422,9 @@ def _recorded_repair(recorded: dict) -> dict[str, Any]:
     if not settings:
         return settings
     if "reconstruct_toward" not in settings:
-        settings["reconstruct_toward"] = "zero"  # recorded before the ridge could pull toward the kept weights
+        settings["reconstruct_toward"] = (
+            "zero"  # recorded before the ridge could pull toward the kept weights
+        )
     used = repair.get("calib") or {}
     # Recorded before the shape was: 0 then meant the method's own windows (`report.data`).
     data = (recorded.get("report") or {}).get("data") or {}

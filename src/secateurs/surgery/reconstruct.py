@@ -102,7 +102,9 @@ class ReconstructConfig:
     )
     reconstruct_seq_len: int = field(
         default=0,
-        metadata={"help": f"their length (0: {REPAIR_SEQ_LEN} within the model's context, or --seq-len if longer)"},
+        metadata={
+            "help": f"their length (0: {REPAIR_SEQ_LEN} within the model's context, or --seq-len if longer)"
+        },
     )
     reconstruct_toward: str = field(
         default="kept",
@@ -139,9 +141,7 @@ class ReconstructConfig:
             or self.reconstruct_seq_len in (1,)
             or self.reconstruct_seq_len < 0
         ):
-            raise ConfigError(
-                "reconstruct needs at least 2 windows of at least 2 tokens (0: the default)"
-            )
+            raise ConfigError("reconstruct needs at least 2 windows of at least 2 tokens (0: the default)")
 
     @property
     def mode(self) -> str:
