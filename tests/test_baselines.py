@@ -59,7 +59,7 @@ def test_collect_stats_matches_captured_inputs():
     space = UnitSpace.from_model(model)
     calib = _calib()
     stats = collect_stats(model, calib, space, batch_rows=4, influence=True)
-    down = space.adapter.mlp_linears(space.adapter.decoder_layers(model)[1])[2]
+    down = space.adapter.down_proj(space.adapter.decoder_layers(model)[1])
     seen = []
     h = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 48)))
     with torch.inference_mode():
@@ -87,7 +87,7 @@ def test_wanda_sp_group_score_is_mean_over_its_query_dims():
     calib = _calib()
     scores = WandaSp().scores(model, space, calib)
     stats = collect_stats(model, calib, space)
-    o = space.adapter.attn_linears(space.adapter.decoder_layers(model)[0])[3]
+    o = space.adapter.o_proj(space.adapter.decoder_layers(model)[0])
     col = o.weight.detach().double().abs().mean(0) * stats.attn[0].l2
     # 4 query heads of dim 8, 2 per KV group: group 0 = columns 0..15
     expected = torch.stack([col[:16].mean(), col[16:].mean()]).float()
@@ -119,8 +119,8 @@ def test_block_influence_drops_the_identity_layer():
     space = UnitSpace.from_model(model)
     layer = space.adapter.decoder_layers(model)[2]
     with torch.no_grad():  # no biases in this family: the layer is now the identity
-        space.adapter.attn_linears(layer)[3].weight.zero_()
-        space.adapter.mlp_linears(layer)[2].weight.zero_()
+        space.adapter.o_proj(layer).weight.zero_()
+        space.adapter.down_proj(layer).weight.zero_()
     method = get_method("block-influence")(get_method("block-influence").config_class(sparsity=0.2))
     calib = _calib()
     scores = method.scores(model, space, calib)
@@ -144,7 +144,7 @@ def test_block_influence_fine_units_fall_back_to_magnitude():
 
 # -- every method: exact budgets -----------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "family", ["llama", "qwen3", "llama-mha-bias", "gemma2", "gemma3", "olmo2", "granite"]
+    "family", ["llama", "qwen3", "llama-mha-bias", "gemma2", "gemma3", "olmo2", "granite", "phi3"]
 )
 @pytest.mark.parametrize("name", BASELINES)
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
@@ -220,7 +220,8 @@ def test_taylor_channel_score_by_hand():
     space = UnitSpace.from_model(model)
     calib = _calib(n=3)
     scores = Taylor(MethodConfig(batch_rows=2)).scores(model, space, calib)  # 2 batches, accumulated
-    gate, up, down = space.adapter.mlp_linears(space.adapter.decoder_layers(model)[0])
+    layer = space.adapter.decoder_layers(model)[0]
+    (gate, up), down = space.adapter.mlp_in(layer), space.adapter.down_proj(layer)
     from secateurs.eval.loss import token_nll
 
     loss = token_nll(model, calib).sum() / (calib.numel() - calib.shape[0])

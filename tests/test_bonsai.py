@@ -176,7 +176,8 @@ def test_few_units_attention_groups_are_candidates():
     hd = space.layers[0].geometry.head_dim
     with torch.no_grad():  # group 0 of layers 1 and 2 becomes tiny: lowest prior, least importance
         for li in (1, 2):
-            q, k, v, o = a.attn_linears(a.decoder_layers(model)[li])
+            layer = a.decoder_layers(model)[li]
+            (q, k, v), o = a.attn_in(layer), a.o_proj(layer)
             q.weight[:width] *= 1e-3
             k.weight[:hd] *= 1e-3
             v.weight[:hd] *= 1e-3
@@ -210,7 +211,7 @@ def _plant(model, seed=0):
     with torch.no_grad():
         for layer, lu in zip(a.decoder_layers(model), space.layers, strict=True):
             width = lu.geometry.q_per_kv * lu.geometry.head_dim
-            o, down = a.attn_linears(layer)[3], a.mlp_linears(layer)[2]
+            o, down = a.o_proj(layer), a.down_proj(layer)
             ratio = lu.group_cost / lu.channel_cost  # comparable per-parameter importance across kinds
             o.weight[0, ::width] = ratio * (0.1 + 0.9 * torch.rand(lu.n_groups, generator=g))
             down.weight[0, :] = 0.1 + 0.9 * torch.rand(lu.n_channels, generator=g)
@@ -222,12 +223,8 @@ def _importances(model, space):
     groups, channels = [], []
     for layer, lu in zip(a.decoder_layers(model), space.layers, strict=True):
         width = lu.geometry.q_per_kv * lu.geometry.head_dim
-        groups.append(
-            a.attn_linears(layer)[3].weight[0, ::width].detach().double() if lu.n_groups else torch.zeros(0)
-        )
-        channels.append(
-            a.mlp_linears(layer)[2].weight[0].detach().double() if lu.n_channels else torch.zeros(0)
-        )
+        groups.append(a.o_proj(layer).weight[0, ::width].detach().double() if lu.n_groups else torch.zeros(0))
+        channels.append(a.down_proj(layer).weight[0].detach().double() if lu.n_channels else torch.zeros(0))
     return groups, channels
 
 
@@ -349,7 +346,7 @@ def test_catastrophic_unit_is_protected_and_kept(monkeypatch):
     monkeypatch.setitem(REGISTRY, _MarkedLowPrior.name, _MarkedLowPrior)
     model = _plant(tiny_model("llama", layers=2))
     space = UnitSpace.from_model(model)
-    o = space.adapter.attn_linears(space.adapter.decoder_layers(model)[1])[3]
+    o = space.adapter.o_proj(space.adapter.decoder_layers(model)[1])
     with torch.no_grad():  # layer 1, group 0: the lowest prior, but worth 30x any other group
         o.weight[0, 0] = 30.0 * float(o.weight[0, 0])
     cfg = BonsaiConfig(sparsity=0.3, prior=_MarkedLowPrior.name, masks_per_round=48, channel_bundle=4)
@@ -370,7 +367,9 @@ def test_catastrophic_unit_is_protected_and_kept(monkeypatch):
 # -- the real evaluator on tiny models -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "granite"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "granite", "phi3"]
+)
 @pytest.mark.parametrize("sparsity", [0.25, 0.5])
 def test_target_met_exactly_and_plan_applies(family, sparsity):
     model = tiny_model(family, layers=4)

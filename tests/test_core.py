@@ -8,10 +8,10 @@ import torch
 import transformers
 
 from secateurs.errors import OutputExistsError, PlanError
-from secateurs.models.adapters import UnsupportedModelError, adapter_for
+from secateurs.models.adapters import LayerGeometry, UnsupportedModelError, adapter_for
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.saving import load_pruned, save_pruned
-from secateurs.testing import FAMILIES, random_plan, tiny_model, uniform_plan
+from secateurs.testing import FAMILIES, random_plan, tiny_config, tiny_model, uniform_plan
 from secateurs.units.masks import Masks, masked
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import UnitSpace, count_parameters
@@ -90,15 +90,14 @@ def _assert_config_matches_tensors(path, model):
         kv = s["kv_heads"] if s else cfg["num_key_value_heads"]
         inter = s["intermediate"] if s else cfg["intermediate_size"]
         if s is None or s["attn"]:
-            q, k, _, o = a.attn_linears(layer)
-            assert k.out_features == kv * cfg["head_dim"]
-            assert (
-                q.out_features
-                == o.in_features
-                == kv * cfg["head_dim"] * (cfg["num_attention_heads"] // cfg["num_key_value_heads"])
-            )
+            # the config's shapes, not the modules': a fused q/k/v of another width fails to split
+            qpk, hd = cfg["num_attention_heads"] // cfg["num_key_value_heads"], cfg["head_dim"]
+            g = LayerGeometry(kv, qpk, hd, inter, has_attn=True, has_mlp=True)
+            q, k, v = a.attn_in_parts(layer, g)
+            assert k.shape[0] == v.shape[0] == kv * hd
+            assert q.shape[0] == a.o_proj(layer).in_features == kv * hd * qpk
         if s is None or s["mlp"]:
-            assert a.mlp_linears(layer)[2].in_features == inter
+            assert a.down_proj(layer).in_features == inter
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -117,11 +116,11 @@ def test_batched_masks_equal_one_at_a_time(family):
     torch.testing.assert_close(rep[2:4], _masked_logits(model, single[1], ids2), atol=ATOL, rtol=0)
 
 
-NEW_FAMILIES = ("gemma2", "gemma3", "olmo2", "granite")
+NEW_FAMILIES = ("gemma2", "gemma3", "olmo2", "granite", "phi3")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", *NEW_FAMILIES])
-def test_uniform_plan_loads_with_plain_from_pretrained(family, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", *(f for f in NEW_FAMILIES if f != "phi3")])
+def test_uniform_plan_loads_with_plain_from_pretrained(family, tmp_path):  # phi3: the next test
     model, ids = tiny_model(family), _ids()
     space = UnitSpace.from_model(model)
     plan = uniform_plan(space, groups=1, channels=20, drop_layers=(2,))
@@ -134,6 +133,38 @@ def test_uniform_plan_loads_with_plain_from_pretrained(family, tmp_path):
         _logits(plain, ids), _masked_logits(model, Masks.from_plan(plan, space), ids), atol=ATOL, rtol=0
     )
     assert count_parameters(plain) == count_parameters(pruned)
+
+
+def _phi3_without_longrope():
+    """As Phi-3-mini-4k and Phi-3-medium: no rope scaling (the tiny phi3 has Phi-3.5's longrope)."""
+    torch.manual_seed(0)
+    cfg = tiny_config("phi3")
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("rope", ["longrope", "default"])
+def test_phi3_uniform_plans_are_stock_where_the_config_accepts_them(rope, tmp_path):
+    """Phi3Config checks longrope factors against `hidden_size // num_attention_heads`, so a uniform plan
+    that removes GQA groups cannot be a stock config there: it is written per layer and asks for remote
+    code. One that keeps every head, or a model without longrope, loads with plain from_pretrained."""
+    model = tiny_model("phi3") if rope == "longrope" else _phi3_without_longrope()
+    ids, space = _ids(), UnitSpace.from_model(model)
+    for groups, stock in ((2, True), (1, rope == "default")):
+        plan = uniform_plan(space, groups=groups, channels=20, drop_layers=(2,))
+        pruned = apply_plan_(copy.deepcopy(model), plan)
+        assert hasattr(pruned.config, "secateurs") is not stock
+        out = tmp_path / f"{groups}"
+        save_pruned(pruned, out, plan)
+        if stock:
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+        else:
+            with pytest.raises(ValueError, match="trust_remote_code=True"):
+                transformers.AutoModelForCausalLM.from_pretrained(out)
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        expected = _masked_logits(model, Masks.from_plan(plan, space), ids)
+        torch.testing.assert_close(_logits(loaded.eval(), ids), expected, atol=ATOL, rtol=0)
+        assert count_parameters(loaded) == count_parameters(pruned)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", *NEW_FAMILIES])
@@ -290,7 +321,7 @@ def test_mixed_layer_types_follow_removed_layers_and_keep_cache_index_0(family, 
 
 @pytest.mark.parametrize(
     ("arch", "missing"),
-    [("Phi3ForCausalLM", "fused qkv_proj"), ("MixtralForCausalLM", "mixture-of-experts")],
+    [("Qwen3MoeForCausalLM", "mixture-of-experts"), ("Gemma3ForConditionalGeneration", "vision tower")],
 )
 def test_structures_not_prunable_yet_are_named(arch, missing):
     cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2)

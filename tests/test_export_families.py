@@ -7,7 +7,7 @@ from secateurs.export import ExportError
 from secateurs.testing import random_plan, tiny_model, uniform_plan
 from secateurs.units.space import UnitSpace
 
-UNCHECKED = ("gemma2", "gemma3", "olmo2", "granite")
+UNCHECKED = ("gemma2", "gemma3", "olmo2", "granite", "phi3")
 
 
 @pytest.mark.parametrize("target", ["gguf", "vllm"])

@@ -214,7 +214,7 @@ def _default_pruned(tmp_path: Path, uniform: bool):
     layers = []
     for i, layer in enumerate(a.decoder_layers(model)):
         n = 1200 if uniform else int(torch.randint(1000, 1501, (1,), generator=g))
-        norms = a.mlp_linears(layer)[2].weight.norm(dim=0)
+        norms = a.down_proj(layer).weight.norm(dim=0)
         drop_attn, drop_mlp = not uniform and i == 20, not uniform and i == 25
         layers.append(
             LayerPlan(

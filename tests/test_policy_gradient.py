@@ -317,7 +317,7 @@ def _plan_of(vec, space, hard):
     return Plan(layers)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-mha-bias", "olmo2", "granite"])
+@pytest.mark.parametrize("family", ["llama", "llama-mha-bias", "olmo2", "granite", "phi3"])
 @pytest.mark.parametrize(
     "units,bundle",
     [

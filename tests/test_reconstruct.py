@@ -159,8 +159,8 @@ def test_none_is_plain_surgery_and_a_kept_layer_is_untouched():
             ):
                 assert torch.equal(mine, ref)
     assert set(record["layers"][3]) == {"layer", "attn", "mlp"}
-    o_plain = a.attn_linears(a.decoder_layers(plain)[3])[3].weight
-    o_fit = a.attn_linears(a.decoder_layers(repaired)[3])[3].weight
+    o_plain = a.o_proj(a.decoder_layers(plain)[3]).weight
+    o_fit = a.o_proj(a.decoder_layers(repaired)[3]).weight
     assert o_plain.shape == o_fit.shape and not torch.equal(o_plain, o_fit)
 
 

@@ -179,7 +179,7 @@ def test_damaged_pruned_directory_is_one_line_error(tmp_path, capsys, damage):
     assert len(lines) == 1 and "Traceback" not in err and str(out) in lines[0], err
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "granite"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "granite", "phi3"])
 def test_cli_prune_with_repair_then_eval_on_new_families(family, tmp_path, capsys):
     model = tiny_model(family, layers=4, vocab_size=128)
     dense = tmp_path / "dense"

@@ -94,7 +94,8 @@ def test_magnitude_scores_by_hand():
     space = UnitSpace.from_model(model)
     a = space.adapter
     with torch.no_grad():
-        gate, up, down = a.mlp_linears(a.decoder_layers(model)[1])
+        layer = a.decoder_layers(model)[1]
+        (gate, up), down = a.mlp_in(layer), a.down_proj(layer)
         gate.weight[7] = 0
         up.weight[7] = 0
         down.weight[:, 7] = 0

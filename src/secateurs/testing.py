@@ -14,11 +14,24 @@ import transformers
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import UnitSpace
 
-FAMILIES = ("llama", "llama-mha-bias", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "granite")
+FAMILIES = (
+    "llama",
+    "llama-mha-bias",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "granite",
+    "phi3",
+)
 # Each breaks an assumption of the first four: head_dim independent of hidden / heads, four norms per
 # layer, soft-capping, sliding / full layer types (window 4 < the tests' 10-12 tokens, so types matter)
 # and tied embeddings (Gemma); full-width q/k norms (OLMo 2); multipliers, logits scaling, biases
-# (Granite). Multipliers and caps are far from 1 so that a loss that ignores them is visibly wrong.
+# (Granite); fused qkv_proj / gate_up_proj, rotary on half of each head with longrope factors, a sliding
+# window on every layer and residual dropout (Phi-3 / Phi-3.5). Multipliers and caps are far from 1 so
+# that a loss that ignores them is visibly wrong.
 
 
 def tiny_config(family: str = "llama", layers: int = 4, vocab_size: int = 96):
@@ -75,6 +88,23 @@ def tiny_config(family: str = "llama", layers: int = 4, vocab_size: int = 96):
             residual_multiplier=0.5,
             attention_multiplier=0.3,
             logits_scaling=4.0,
+        )
+    elif family == "phi3":
+        rotary_half = 2  # head_dim 8 x partial_rotary_factor 0.5 = 4 rotary dims: one factor per pair
+        cfg = transformers.Phi3Config(
+            **common,
+            pad_token_id=None,  # Phi-3's default (32000) is outside the tiny vocabulary
+            eos_token_id=2,
+            sliding_window=4,
+            resid_pdrop=0.1,  # inactive in eval mode; a pass in training mode would show as noise
+            original_max_position_embeddings=64,  # < max_position_embeddings: longrope's scaling applies
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0 + 0.5 * i for i in range(rotary_half)],
+                "long_factor": [2.0 + 0.5 * i for i in range(rotary_half)],
+            },
         )
     else:
         raise ValueError(family)

@@ -66,7 +66,7 @@ def shapes_of(model: nn.Module, adapter: FamilyAdapter | None = None) -> Shapes:
     adapter = adapter or adapter_for(model)
     layers = tuple(layer_geometry(model, adapter))
     qkv_bias = any(
-        getattr(adapter.attention(layer), adapter.q).bias is not None
+        any(lin.bias is not None for lin in adapter.attn_in(layer))
         for layer, g in zip(adapter.decoder_layers(model), layers, strict=True)
         if g.has_attn
     )

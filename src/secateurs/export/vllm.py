@@ -18,8 +18,9 @@ Anything else is written for vLLM's Nemotron-NAS architecture (`DeciLMForCausalL
   down biases, all for every layer: output-bias corrections are written with zero biases where a layer
   has none (exact).
 - The architecture is Llama's: no q/k norms (Qwen3) and no sliding window, so those are refused.
-- Families never run in vLLM by secateurs' tests (Gemma 2/3, OLMo 2, Granite) are refused even with
-  stock shapes (`UNVERIFIED`): their multipliers, soft-caps and norms are not something to guess about.
+- Families never run in vLLM by secateurs' tests (Gemma 2/3, OLMo 2, Granite, Phi-3) are refused even
+  with stock shapes (`UNVERIFIED`): their multipliers, soft-caps, norms and fused projections are not
+  something to guess about.
 - vLLM reads `block_config.attention.no_op` as attributes, so the directory carries its own config
   class (`modeling_secateurs_nas.py`, loaded with `trust_remote_code=True`), which also holds a
   transformers model class for the same config: `AutoModelForCausalLM.from_pretrained(DIR,
@@ -58,6 +59,7 @@ UNVERIFIED = {
     "gemma3": "per-head q/k norms, four norms per layer and sliding/full layer types",
     "olmo2": "full-width q/k norms and norms after the blocks",
     "granite": "embedding, residual and attention multipliers and logits scaling",
+    "phi3": "fused qkv_proj / gate_up_proj, partial rotary dims and longrope",
 }
 TOKENIZER_FILES = (
     "tokenizer.json",

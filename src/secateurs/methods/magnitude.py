@@ -12,6 +12,10 @@ from secateurs.scoring.weights import group_rows
 from secateurs.units.space import Kind, UnitSpace
 
 
+def _abs_weight(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight.abs().float()
+
+
 def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
     """Mean |w| over each unit's parameters (per-parameter scale, so comparable across kinds)."""
     a = space.adapter
@@ -20,7 +24,8 @@ def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
         for layer, lu in zip(a.decoder_layers(model), space.layers, strict=True):
             g = lu.geometry
             if lu.n_groups:
-                q, k, v, o = (lin.weight.abs().float() for lin in a.attn_linears(layer))
+                q, k, v = a.attn_in_parts(layer, g, _abs_weight)
+                o = _abs_weight(a.o_proj(layer))
                 parts = [group_rows(w, g.n_groups).flatten(1) for w in (q, k, v, o.t())]
                 s = torch.cat(parts, dim=1).mean(dim=1)
             else:
@@ -28,7 +33,8 @@ def magnitude_scores(model: nn.Module, space: UnitSpace) -> UnitScores:
             groups.append(s)
             attn_blocks.append(s.mean(dim=0, keepdim=True) if s.numel() else torch.zeros(1))
             if lu.n_channels:
-                gate, up, down = (lin.weight.abs().float() for lin in a.mlp_linears(layer))
+                gate, up = a.mlp_in_parts(layer, g, _abs_weight)
+                down = _abs_weight(a.down_proj(layer))
                 c = (gate.mean(dim=1) + up.mean(dim=1) + down.mean(dim=0)) / 3
             else:
                 c = torch.zeros(0)

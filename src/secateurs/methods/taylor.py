@@ -39,9 +39,9 @@ def _scored_weights(model: nn.Module, space: UnitSpace) -> list[nn.Parameter]:
     a, out = space.adapter, []
     for layer, lu in zip(a.decoder_layers(model), space.layers, strict=True):
         if lu.n_groups:
-            out += [lin.weight for lin in a.attn_linears(layer)]
+            out += [lin.weight for lin in (*a.attn_in(layer), a.o_proj(layer))]
         if lu.n_channels:
-            out += [lin.weight for lin in a.mlp_linears(layer)]
+            out += [lin.weight for lin in (*a.mlp_in(layer), a.down_proj(layer))]
     return out
 
 
@@ -84,20 +84,22 @@ class Taylor(MetricMethod):
         params = _scored_weights(model, space)
         grads = accumulate_gradients(model, params, calib, self.config.batch_rows)
         a = space.adapter
+
+        def saliency(lin: nn.Linear) -> torch.Tensor:
+            return taylor_saliency(lin.weight, grads[id(lin.weight)])
+
         groups, channels = [], []
         for layer, lu in zip(a.decoder_layers(model), space.layers, strict=True):
             if lu.n_groups:
-                q, k, v, o = (
-                    taylor_saliency(lin.weight, grads[id(lin.weight)]) for lin in a.attn_linears(layer)
-                )
+                q, k, v = a.attn_in_parts(layer, lu.geometry, saliency)
+                o = saliency(a.o_proj(layer))
                 parts = [group_rows(w, lu.n_groups).flatten(1) for w in (q, k, v, o.t())]
                 groups.append(torch.cat(parts, dim=1).mean(dim=1))
             else:
                 groups.append(torch.zeros(0))
             if lu.n_channels:
-                gate, up, down = (
-                    taylor_saliency(lin.weight, grads[id(lin.weight)]) for lin in a.mlp_linears(layer)
-                )
+                gate, up = a.mlp_in_parts(layer, lu.geometry, saliency)
+                down = saliency(a.down_proj(layer))
                 channels.append(torch.cat([gate, up, down.t()], dim=1).mean(dim=1))
             else:
                 channels.append(torch.zeros(0))

@@ -4,19 +4,29 @@ Every family secateurs supports is one `FamilyAdapter` row in `ADAPTERS`, keyed 
 `config.architectures[0]` string that Hugging Face writes into `config.json`. Code elsewhere never asks
 "is this Llama?"; it reads the row. What a new family needs:
 
-- separate `q/k/v/o` and `gate/up/down` linears (any names), with GQA groups in contiguous rows of
-  `k`/`v` (`head_dim` rows each) and `q` (`q_per_kv * head_dim` rows each): then one row here;
+- `q/k/v/o` and `gate/up/down` linears (any names), with GQA groups in contiguous rows of `k`/`v`
+  (`head_dim` rows each) and `q` (`q_per_kv * head_dim` rows each): then one row here;
+- q/k/v fused into one linear, rows all q heads, then all k heads, then all v heads, split by the
+  attention's forward at `config.num_attention_heads` query heads and its own `num_key_value_heads`
+  (Phi-3's `qkv_proj`): the `fused_qkv=` strategy (the fused linear's name); gate/up fused as gate rows
+  then up rows, split in half by the MLP (Phi-3's `gate_up_proj`): `fused_gate_up=`. Code elsewhere
+  reads the input-side projections only through `attn_in` / `attn_in_parts` / `attn_in_rows` (and the
+  `mlp_*` twins), so it never knows which layout it has;
 - q/k norms: per head (`head_dim` wide: Qwen3, Gemma 3) need nothing; norms over the whole projected
   width (OLMo 2) are the `QK_NORM_FULL_WIDTH` strategy (`qk_norm=`), whose weights follow the kept rows;
 - norms before or after the blocks, multipliers inside the decoder (Granite's embedding, residual and
-  attention multipliers, Gemma's embedding scaling) need nothing: masks and surgery act on the output
-  projections, and a removed block's zero output stays zero through a post-norm;
+  attention multipliers, Gemma's embedding scaling), residual dropout (Phi-3) need nothing: masks and
+  surgery act on the output projections, and a removed block's zero output stays zero through a
+  post-norm;
 - anything the `*ForCausalLM` does to the logits after `lm_head` must be named here
   (`logits_divisor`, `logits_softcap`), because the evaluator computes losses from the decoder's hidden
-  states and `lm_head` itself (chunked) and applies them with `final_logits`.
+  states and `lm_head` itself (chunked) and applies them with `final_logits`;
+- a stock config that rejects the rewritten head count (Phi-3's longrope factors are checked against
+  `hidden_size // num_attention_heads`) needs nothing: `surgery.apply` then writes the per-layer record
+  (`config.secateurs`) even for uniform shapes.
 
-Fused projections (Phi-3's `qkv_proj` / `gate_up_proj`) and mixture-of-experts MLPs have no strategy
-yet: they are rows of `NOT_YET`, refused by name before any weights load.
+Mixture-of-experts MLPs have no strategy yet: they are rows of `NOT_YET`, refused by name before any
+weights load.
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ class UnsupportedModelError(SecateursError):
 QK_NORM_FULL_WIDTH = "full_width"  # one q (k) norm over all heads' rows (OLMo 2), not one per head
 
 
+def _weight(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
     """Names of a decoder-only family's modules and config keys.
@@ -52,7 +66,7 @@ class FamilyAdapter:
     causal_lm_class: str
     layers: str = "model.layers"
     attn: str = "self_attn"
-    q: str = "q_proj"
+    q: str = "q_proj"  # q/k/v and gate/up: unused where the strategy below fuses them
     k: str = "k_proj"
     v: str = "v_proj"
     o: str = "o_proj"
@@ -60,6 +74,10 @@ class FamilyAdapter:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    # input-side projection strategy: None (separate linears) or the name of the one fused linear whose
+    # rows are the parts stacked in order (q heads, k heads, v heads; gate channels, up channels)
+    fused_qkv: str | None = None
+    fused_gate_up: str | None = None
     o_bias_native: str | None = None
     down_bias_native: str | None = None
     model_type: str = ""  # the config's `model_type` when it is not `name` (configs built in code)
@@ -83,13 +101,71 @@ class FamilyAdapter:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)
 
-    def attn_linears(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        a = self.attention(layer)
-        return getattr(a, self.q), getattr(a, self.k), getattr(a, self.v), getattr(a, self.o)
+    def o_proj(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.attention(layer), self.o)
 
-    def mlp_linears(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        m = self.mlp_module(layer)
-        return getattr(m, self.gate), getattr(m, self.up), getattr(m, self.down)
+    def down_proj(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.mlp_module(layer), self.down)
+
+    # -- input-side projections: separate or fused (the one place that knows which) ---------------
+    def attn_in(self, layer: nn.Module) -> list[nn.Linear]:
+        """The attention's input-side linears: q, k, v, or the one fused q/k/v."""
+        return self._in(self.attention(layer), (self.q, self.k, self.v), self.fused_qkv)
+
+    def mlp_in(self, layer: nn.Module) -> list[nn.Linear]:
+        """The MLP's input-side linears: gate, up, or the one fused gate/up."""
+        return self._in(self.mlp_module(layer), (self.gate, self.up), self.fused_gate_up)
+
+    def attn_in_parts(self, layer: nn.Module, g: LayerGeometry, of=_weight) -> tuple:
+        """`of(linear)` (its weight by default; a bias, a gradient-weighted saliency) of each input-side
+        linear, split into q, k and v rows: [heads * head_dim, ...], [kv * head_dim, ...] twice. For a
+        fused q/k/v these are views of its row blocks; `None` stays `None` (a missing bias)."""
+        q = g.n_groups * g.q_per_kv * g.head_dim
+        kv = g.n_groups * g.head_dim
+        return self._parts([of(lin) for lin in self.attn_in(layer)], (q, kv, kv), self.fused_qkv)
+
+    def mlp_in_parts(self, layer: nn.Module, g: LayerGeometry, of=_weight) -> tuple:
+        """As `attn_in_parts`, for gate and up ([intermediate, ...] each)."""
+        return self._parts([of(lin) for lin in self.mlp_in(layer)], (g.intermediate,) * 2, self.fused_gate_up)
+
+    def attn_in_rows(self, g: LayerGeometry, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> list:
+        """[(linear name, rows to keep)] for the attention's input side, given the kept rows of q and of
+        k / v (`surgery.apply.head_rows`)."""
+        widths = (g.n_groups * g.q_per_kv * g.head_dim, g.n_groups * g.head_dim, g.n_groups * g.head_dim)
+        return self._rows((q_rows, kv_rows, kv_rows), widths, (self.q, self.k, self.v), self.fused_qkv)
+
+    def mlp_in_rows(self, g: LayerGeometry, rows: torch.Tensor) -> list:
+        """[(linear name, rows to keep)] for the MLP's input side, given the kept channels."""
+        return self._rows((rows, rows), (g.intermediate,) * 2, (self.gate, self.up), self.fused_gate_up)
+
+    def module_names(self) -> dict[str, str]:
+        """The module names `reshape_` rebuilds a layer with (saved as `config.secateurs["names"]`): a
+        fused linear appears under "qkv" / "gate_up" instead of its parts, full-width norms as
+        "q_norm" / "k_norm"."""
+        names = {"layers": self.layers, "attn": self.attn, "o": self.o, "mlp": self.mlp, "down": self.down}
+        names |= {"qkv": self.fused_qkv} if self.fused_qkv else {"q": self.q, "k": self.k, "v": self.v}
+        names |= {"gate_up": self.fused_gate_up} if self.fused_gate_up else {"gate": self.gate, "up": self.up}
+        if self.full_width_qk_norm:  # reshape_ resizes these norms with the projections
+            names |= {"q_norm": self.q_norm, "k_norm": self.k_norm}
+        return names
+
+    @staticmethod
+    def _in(block: nn.Module, separate: tuple[str, ...], fused: str | None) -> list[nn.Linear]:
+        return [getattr(block, fused)] if fused else [getattr(block, n) for n in separate]
+
+    @staticmethod
+    def _parts(per_linear: list, widths: tuple[int, ...], fused: str | None) -> tuple:
+        if not fused:
+            return tuple(per_linear)
+        (t,) = per_linear
+        return (None,) * len(widths) if t is None else tuple(t.split(widths))
+
+    @staticmethod
+    def _rows(rows: tuple, widths: tuple[int, ...], separate: tuple[str, ...], fused: str | None) -> list:
+        if not fused:
+            return list(zip(separate, rows, strict=True))
+        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        return [(fused, torch.cat([r + off for r, off in zip(rows, offsets, strict=True)]))]
 
     @property
     def full_width_qk_norm(self) -> bool:
@@ -166,12 +242,20 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         down_bias_native="mlp_bias",
         logits_divisor="logits_scaling",
     ),
+    # Phi-3 / Phi-3.5: fused qkv_proj and gate_up_proj, partial rotary dims and longrope factors (per
+    # rotary dim: no unit changes them), an optional sliding window on every layer, residual dropout.
+    "Phi3ForCausalLM": FamilyAdapter(
+        name="phi3",
+        modeling_module="transformers.models.phi3.modeling_phi3",
+        causal_lm_class="Phi3ForCausalLM",
+        fused_qkv="qkv_proj",
+        fused_gate_up="gate_up_proj",
+    ),
 }
 
 # Architectures users bring whose structure secateurs cannot prune yet: what is missing, said before any
 # weights load (a row moves to ADAPTERS when its strategy exists).
 NOT_YET: dict[str, str] = {
-    "Phi3ForCausalLM": "fused qkv_proj and gate_up_proj (a GQA group or channel is rows of a fused matrix)",
     "MixtralForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
     "Qwen2MoeForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
     "Qwen3MoeForCausalLM": "mixture-of-experts MLPs (experts and a router instead of one gate/up/down)",
@@ -260,7 +344,7 @@ def layer_geometry(model: nn.Module, adapter: FamilyAdapter | None = None) -> li
         down = getattr(mlp, adapter.down) if has_mlp else None
         out.append(
             LayerGeometry(
-                n_groups=getattr(attn, adapter.k).out_features // head_dim if has_attn else 0,
+                n_groups=o.in_features // (q_per_kv * head_dim) if has_attn else 0,
                 q_per_kv=q_per_kv,
                 head_dim=head_dim,
                 intermediate=down.in_features if has_mlp else 0,

@@ -6,8 +6,9 @@ output directory as `modeling_secateurs.py`, with a footer that subclasses the f
 `secateurs.load(dir)` build the model with the very same code.
 
 `config.secateurs` holds {"schema", "family", "names": {...module names...}, "layers": [spec, ...]} where the
-names carry "q_norm" / "k_norm" only for q/k norms as wide as the projections, and a spec is
-{"kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias"}.
+names carry "q_norm" / "k_norm" only for q/k norms as wide as the projections, "qkv" instead of "q", "k",
+"v" for a fused q/k/v projection and "gate_up" instead of "gate", "up" for a fused gate/up one (Phi-3),
+and a spec is {"kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias"}.
 """
 
 from __future__ import annotations
@@ -60,9 +61,47 @@ def renumber_attention(model: nn.Module, names: dict) -> None:
             attn.layer_idx = free[types[i]].pop(0)
 
 
+class LayerConfig:
+    """The model's config as one attention block sees it: its own head counts, everything else read
+    through from the model's config (so later changes, such as the attention implementation, reach it).
+
+    Why: an attention with a fused q/k/v projection (Phi-3) splits its output at
+    `config.num_attention_heads * head_dim`, a model-wide number, so a layer with its own head count
+    needs its own view of the config.
+    """
+
+    def __init__(self, base, **own):
+        self.__dict__.update(own, _base=base)
+
+    def __getattr__(self, name: str):
+        base = self.__dict__.get("_base")  # absent while copy/pickle rebuild the object
+        if base is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(base, name)
+
+
+def own_head_counts_(attn: nn.Module, heads: int, kv_heads: int) -> None:
+    """Give an attention block whose fused q/k/v projection now has `heads` query and `kv_heads` KV
+    heads the split widths it reads: `config.num_attention_heads` and its own `num_key_value_heads`."""
+    base = attn.config.__dict__.get("_base", attn.config)
+    attn.config = LayerConfig(base, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    attn.num_key_value_heads = kv_heads
+
+
 def _resize_norm_(norm: nn.Module, width: int) -> None:
     old = norm.weight
     norm.weight = nn.Parameter(torch.empty(width, device=old.device, dtype=old.dtype))
+
+
+def _rebuild_inputs_(block: nn.Module, names: dict, widths: dict, fused: str, hidden: int) -> None:
+    """New input-side linears of a block: one per part (`widths`: part -> output rows), or, when the
+    names carry `fused`, one linear with every part's rows stacked in order."""
+    parts = (
+        {names[fused]: sum(widths.values())} if fused in names else {names[k]: w for k, w in widths.items()}
+    )
+    for name, out_f in parts.items():
+        old = getattr(block, name)
+        setattr(block, name, _linear_like(old, hidden, out_f, old.bias is not None))
 
 
 def reshape_(model: nn.Module, secateurs: dict) -> None:
@@ -80,9 +119,10 @@ def reshape_(model: nn.Module, secateurs: dict) -> None:
         else:
             heads = spec["kv_heads"] * spec["q_per_kv"]
             hd = spec["head_dim"]
-            for key, out_f in (("q", heads * hd), ("k", spec["kv_heads"] * hd), ("v", spec["kv_heads"] * hd)):
-                old = getattr(attn, names[key])
-                setattr(attn, names[key], _linear_like(old, hidden, out_f, old.bias is not None))
+            widths = {"q": heads * hd, "k": spec["kv_heads"] * hd, "v": spec["kv_heads"] * hd}
+            _rebuild_inputs_(attn, names, widths, "qkv", hidden)
+            if "qkv" in names:
+                own_head_counts_(attn, heads, spec["kv_heads"])
             old = getattr(attn, names["o"])
             setattr(attn, names["o"], _linear_like(old, heads * hd, hidden, spec["o_bias"]))
             if "q_norm" in names:  # q/k norms over the whole projected width (OLMo 2)
@@ -92,9 +132,7 @@ def reshape_(model: nn.Module, secateurs: dict) -> None:
             setattr(layer, names["mlp"], SkipMLP())
         else:
             inter = spec["intermediate"]
-            for key in ("gate", "up"):
-                old = getattr(mlp, names[key])
-                setattr(mlp, names[key], _linear_like(old, hidden, inter, old.bias is not None))
+            _rebuild_inputs_(mlp, names, {"gate": inter, "up": inter}, "gate_up", hidden)
             old = getattr(mlp, names["down"])
             setattr(mlp, names["down"], _linear_like(old, inter, hidden, spec["down_bias"]))
     renumber_attention(model, names)

@@ -217,9 +217,9 @@ def collect_stats(
     if activations:
         for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
             if lu.geometry.has_attn:
-                attn_mods[i] = a.attn_linears(layer)[3]
+                attn_mods[i] = a.o_proj(layer)
             if lu.geometry.has_mlp:
-                mlp_mods[i] = a.mlp_linears(layer)[2]
+                mlp_mods[i] = a.down_proj(layer)
     n = calib.shape[0]
     step = max(1, batch_rows)
     with (
@@ -295,8 +295,8 @@ def output_column_scores(
     groups, channels = [], []
     for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
         o, down = (
-            a.attn_linears(layer)[3] if lu.n_groups else None,
-            a.mlp_linears(layer)[2] if lu.n_channels else None,
+            a.o_proj(layer) if lu.n_groups else None,
+            a.down_proj(layer) if lu.n_channels else None,
         )
         groups.append(
             group_reduce(column_score(o.weight, stats.attn[i]), lu.geometry).float() if o else torch.zeros(0)

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import asdict
 
 import torch
 from torch import nn
 
-from secateurs.errors import PlanError
+from secateurs.errors import PlanError, one_line
 from secateurs.models.adapters import FamilyAdapter, layer_geometry
-from secateurs.models.reshape import SCHEMA, SkipAttention, SkipMLP, renumber_attention
+from secateurs.models.reshape import SCHEMA, SkipAttention, SkipMLP, own_head_counts_, renumber_attention
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import LayerUnits, UnitSpace
 
 log = logging.getLogger(__name__)
-
-
-def adapter_names(adapter: FamilyAdapter) -> dict[str, str]:
-    d = asdict(adapter)
-    keys = ("layers", "attn", "q", "k", "v", "o", "mlp", "gate", "up", "down")
-    if adapter.full_width_qk_norm:  # reshape_ resizes these norms with the projections
-        keys += ("q_norm", "k_norm")
-    return {k: d[k] for k in keys}
 
 
 def _sliced(old: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
@@ -59,13 +51,15 @@ def prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyA
         return
     attn = a.attention(layer)
     g = lu.geometry
-    dev = attn.get_submodule(a.q).weight.device
+    dev = a.o_proj(layer).weight.device
     if lp.keep_groups is not None:
         q_rows = head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, dev)
         kv_rows = head_rows(lp.keep_groups, g.head_dim, dev)
-        for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
+        for name, rows in a.attn_in_rows(g, q_rows, kv_rows):
             setattr(attn, name, _sliced(getattr(attn, name), rows, None))
         setattr(attn, a.o, _sliced(getattr(attn, a.o), None, q_rows))
+        if a.fused_qkv:  # the forward splits the fused output at widths it reads from the config
+            own_head_counts_(attn, len(lp.keep_groups) * g.q_per_kv, len(lp.keep_groups))
         if a.full_width_qk_norm:  # the norm's weight follows the rows it normalises
             for norm, rows in zip(a.qk_norms(layer), (q_rows, kv_rows), strict=True):
                 norm.weight = nn.Parameter(norm.weight.index_select(0, rows))
@@ -73,16 +67,16 @@ def prune_attention_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyA
         _add_bias_(getattr(attn, a.o), lp.attn_bias)
 
 
-def prune_mlp_(layer: nn.Module, lp: LayerPlan, a: FamilyAdapter) -> None:
+def prune_mlp_(layer: nn.Module, lp: LayerPlan, lu: LayerUnits, a: FamilyAdapter) -> None:
     """Slice one layer's MLP to the plan's kept channels (or remove it), in place."""
     if lp.drop_mlp:
         setattr(layer, a.mlp, SkipMLP())
         return
     mlp = a.mlp_module(layer)
     if lp.keep_channels is not None:
-        rows = torch.tensor(lp.keep_channels, device=getattr(mlp, a.gate).weight.device)
-        for name in (a.gate, a.up):
-            setattr(mlp, name, _sliced(getattr(mlp, name), rows, None))
+        rows = torch.tensor(lp.keep_channels, device=a.down_proj(layer).weight.device)
+        for name, kept in a.mlp_in_rows(lu.geometry, rows):
+            setattr(mlp, name, _sliced(getattr(mlp, name), kept, None))
         setattr(mlp, a.down, _sliced(getattr(mlp, a.down), None, rows))
     if lp.mlp_bias is not None:
         _add_bias_(getattr(mlp, a.down), lp.mlp_bias)
@@ -97,7 +91,8 @@ def _slice_per_layer_config_(config, keep: list[int], n_before: int) -> None:
 
 
 def _write_config_(model: nn.Module, space: UnitSpace, native_bias: tuple[bool, bool]) -> None:
-    """Uniform shapes go into the stock config keys; anything else into `config.secateurs`."""
+    """Uniform shapes go into the stock config keys when the stock config accepts them; anything else
+    into `config.secateurs`."""
     a, config = space.adapter, model.config
     g0 = space.layers[0].geometry
     specs = [g.spec() for g in layer_geometry(model, a)]
@@ -109,14 +104,34 @@ def _write_config_(model: nn.Module, space: UnitSpace, native_bias: tuple[bool, 
         for s in specs
     )
     config.head_dim = g0.head_dim  # Llama derives head_dim from the head count when it is absent
-    if uniform:
-        config.num_key_value_heads = specs[0]["kv_heads"]
-        config.num_attention_heads = specs[0]["kv_heads"] * g0.q_per_kv
-        config.intermediate_size = specs[0]["intermediate"]
+    stock = {
+        "num_key_value_heads": specs[0]["kv_heads"],
+        "num_attention_heads": specs[0]["kv_heads"] * g0.q_per_kv,
+        "intermediate_size": specs[0]["intermediate"],
+    }
+    if uniform and _accepts(config, stock):
+        for key, value in stock.items():
+            setattr(config, key, value)
         if hasattr(config, "secateurs"):
             del config.secateurs
     else:
-        config.secateurs = {"schema": SCHEMA, "family": a.name, "names": adapter_names(a), "layers": specs}
+        config.secateurs = {"schema": SCHEMA, "family": a.name, "names": a.module_names(), "layers": specs}
+
+
+def _accepts(config, changes: dict) -> bool:
+    """Whether the stock config class validates `config` with `changes`: Phi-3 checks its longrope
+    factors against `hidden_size // num_attention_heads`, so a head count that differs from the dense one
+    fails there although nothing about rotary dims changed; such a plan is written per layer instead
+    (keeping the dense counts in the stock keys), and loads with `trust_remote_code=True`."""
+    candidate = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(candidate, key, value)
+    try:
+        candidate.validate()
+    except Exception as exc:  # noqa: BLE001 - the config class's own validation, whatever it raises
+        log.info("the stock config rejects the uniform shapes (%s); writing them per layer", one_line(exc))
+        return False
+    return True
 
 
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
@@ -130,7 +145,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     with torch.no_grad():
         for layer, lp, lu in zip(space.adapter.decoder_layers(model), plan.layers, space.layers, strict=True):
             prune_attention_(layer, lp, lu, space.adapter)
-            prune_mlp_(layer, lp, space.adapter)
+            prune_mlp_(layer, lp, lu, space.adapter)
     return finish_surgery_(model, plan, space)
 
 
@@ -168,7 +183,7 @@ def finish_surgery_(model: nn.Module, plan: Plan, space: UnitSpace) -> nn.Module
         parent_name, _, child = a.layers.rpartition(".")
         model.get_submodule(parent_name).__setattr__(child, nn.ModuleList([decoder[i] for i in keep]))
         _slice_per_layer_config_(model.config, keep, len(plan.layers))
-    renumber_attention(model, adapter_names(a))
+    renumber_attention(model, a.module_names())
     _write_config_(model, space, native_bias)
     after = UnitSpace.from_model(model)
     log.info(

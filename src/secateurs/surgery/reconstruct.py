@@ -488,7 +488,7 @@ def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) ->
     record: dict[str, Any] = {}
     g = lu.geometry
     if lp.keep_groups is not None and not lp.drop_attn:
-        o = a.attn_linears(layer)[3]
+        o = a.o_proj(layer)
         fit, ho = _collect(layer, o, hidden, kwargs, i, held)
         full = augmented(o.weight, o.bias)
         keep = head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, o.weight.device)
@@ -502,12 +502,12 @@ def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) ->
     else:
         prune_attention_(layer, lp, lu, a)
     if lp.keep_channels is not None and not lp.drop_mlp:
-        down = a.mlp_linears(layer)[2]
+        down = a.down_proj(layer)
         fit, ho = _collect(layer, down, hidden, kwargs, i, held)
         full = augmented(down.weight, down.bias)
         keep = torch.tensor(lp.keep_channels, device=down.weight.device)
         result = fit_module(fit, ho, full, keep, cfg)
-        prune_mlp_(layer, lp, a)
+        prune_mlp_(layer, lp, lu, a)
         mlp = a.mlp_module(layer)
         setattr(
             mlp,
@@ -516,5 +516,5 @@ def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) ->
         )
         record["mlp"] = result.record()
     else:
-        prune_mlp_(layer, lp, a)
+        prune_mlp_(layer, lp, lu, a)
     return record

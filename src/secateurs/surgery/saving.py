@@ -210,17 +210,17 @@ def _stock_class(adapter: FamilyAdapter) -> type:
 
 
 SPEC_KEYS = ("kv_heads", "q_per_kv", "head_dim", "intermediate", "attn", "mlp", "o_bias", "down_bias")
-NAME_KEYS = ("layers", "attn", "q", "k", "v", "o", "mlp", "gate", "up", "down")
 
 
-def _check_shapes_record(path: Path, record: Any, n_layers: int) -> None:
-    """`config.secateurs` must describe every layer with every key `reshape_` reads, so a damaged one is a
-    clear error naming the file, not an exception from deep inside the model's constructor."""
+def _check_shapes_record(path: Path, record: Any, n_layers: int, adapter: FamilyAdapter) -> None:
+    """`config.secateurs` must describe every layer with every key `reshape_` reads (the family's
+    `module_names`), so a damaged one is a clear error naming the file, not an exception from deep
+    inside the model's constructor."""
     where = f"{path / 'config.json'}: the 'secateurs' key is damaged"
     if not isinstance(record, dict) or not isinstance(record.get("layers"), list):
         raise ModelSourceError(f"{where} (no per-layer list)")
     names = record.get("names")
-    if not isinstance(names, dict) or any(not isinstance(names.get(k), str) for k in NAME_KEYS):
+    if not isinstance(names, dict) or any(not isinstance(names.get(k), str) for k in adapter.module_names()):
         raise ModelSourceError(f"{where} (module names missing)")
     if len(record["layers"]) != n_layers:
         raise ModelSourceError(f"{where} ({len(record['layers'])} layer shapes for {n_layers} layers)")
@@ -248,7 +248,7 @@ def model_class_and_config(path: str | Path) -> tuple[type, Any]:
     adapter = adapter_for(config)
     cls = _stock_class(adapter)
     if getattr(config, "secateurs", None):
-        _check_shapes_record(path, config.secateurs, config.num_hidden_layers)
+        _check_shapes_record(path, config.secateurs, config.num_hidden_layers, adapter)
         cls = pruned_class(cls)
     return cls, config
 

@@ -190,7 +190,7 @@ def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> It
         for i, (layer, lu) in enumerate(zip(space.adapter.decoder_layers(model), space.layers, strict=True)):
             g = lu.geometry
             if g.has_attn:
-                o = space.adapter.attn_linears(layer)[3]
+                o = space.adapter.o_proj(layer)
                 gm = masks.groups[i]
                 # A block whose groups are all masked counts as dropped (see Plan.canonical).
                 block = masks.attn_block[:, i] * (gm.sum(dim=1) > 0).to(gm.dtype)
@@ -203,7 +203,7 @@ def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> It
                     handles.append(q_norm.register_forward_hook(hook))
                     handles.append(k_norm.register_forward_hook(_full_width_norm_hook(gm, g.head_dim, eps)))
             if g.has_mlp:
-                down = space.adapter.mlp_linears(layer)[2]
+                down = space.adapter.down_proj(layer)
                 cm = masks.channels[i]
                 block = masks.mlp_block[:, i] * (cm.sum(dim=1) > 0).to(cm.dtype)
                 handles.append(down.register_forward_pre_hook(_scale_input_hook(cm, 1)))

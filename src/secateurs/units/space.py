@@ -84,27 +84,36 @@ class LayerUnits:
         return torch.tensor_split(order, max(1, round(order.numel() / size)))
 
 
-def _bias_size(linear: nn.Linear | None) -> int:
-    return 0 if linear is None or linear.bias is None else 1
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return linear.bias
+
+
+def _has(t: torch.Tensor | None) -> int:
+    return 0 if t is None else 1
 
 
 def _layer_units(layer: nn.Module, g: LayerGeometry, adapter: FamilyAdapter, hidden: int) -> LayerUnits:
+    """Costs from the layer's modules; q/k/v and gate/up biases read per part (`attn_in_parts`), so a
+    fused projection's bias is counted exactly as separate ones would be."""
     qpk, hd = g.q_per_kv, g.head_dim
-    q = k = v = o = gate = up = down = None
+    qb = kb = vb = gate_b = up_b = None
+    o_bias = down_bias = 0
     if g.has_attn:
-        q, k, v, o = adapter.attn_linears(layer)
+        qb, kb, vb = adapter.attn_in_parts(layer, g, _bias)
+        o_bias = _has(adapter.o_proj(layer).bias)
     if g.has_mlp:
-        gate, up, down = adapter.mlp_linears(layer)
-    group_cost = (2 * qpk + 2) * hd * hidden + hd * (qpk * _bias_size(q) + _bias_size(k) + _bias_size(v))
+        gate_b, up_b = adapter.mlp_in_parts(layer, g, _bias)
+        down_bias = _has(adapter.down_proj(layer).bias)
+    group_cost = (2 * qpk + 2) * hd * hidden + hd * (qpk * _has(qb) + _has(kb) + _has(vb))
     if adapter.full_width_qk_norm:
         group_cost += (qpk + 1) * hd  # the group's entries of the q and k norm weights
-    channel_cost = 3 * hidden + _bias_size(gate) + _bias_size(up)
+    channel_cost = 3 * hidden + _has(gate_b) + _has(up_b)
     return LayerUnits(
         geometry=g,
         group_cost=group_cost,
         channel_cost=channel_cost,
-        attn_fixed=hidden * _bias_size(o),
-        mlp_fixed=hidden * _bias_size(down),
+        attn_fixed=hidden * o_bias,
+        mlp_fixed=hidden * down_bias,
         hidden=hidden,
     )
 
