@@ -81,25 +81,19 @@ ARCHS = {
 @dataclass(frozen=True)
 class Family:
     """A secateurs family (adapter name) in llama.cpp: its stock architecture, the one that runs
-    per-layer shapes (None: there is none), and the names of the tensors `FamilyAdapter` does not name."""
+    per-layer shapes (None: there is none) and why. Tensor names come from the family's
+    `FamilyAdapter` row; whether q/k norms are written, from the architecture (`Arch.qk_norm`)."""
 
     uniform: str
     per_layer: str | None
     why_not_per_layer: str = ""
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    head: str = "lm_head"
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
-    q_norm: str | None = None  # inside the attention module
-    k_norm: str | None = None
 
 
 FAMILIES = {
     "llama": Family("llama", "deci"),
     "mistral": Family("llama", "deci"),
     "qwen2": Family("qwen2", "deci"),
-    "qwen3": Family("qwen3", None, "deci has no q/k norms", q_norm="q_norm", k_norm="k_norm"),
+    "qwen3": Family("qwen3", None, "deci has no q/k norms"),
 }
 
 
@@ -474,13 +468,11 @@ class Plan:
         self.tensors.append(TensorOut(name, tuple(int(s) for s in shape), produce))
 
     def build(self) -> list[TensorOut]:
-        lay, fam, cfg = self.lay, self.lay.family, self.config
+        lay, a, cfg = self.lay, self.a, self.config
         hidden = cfg.hidden_size
-        self.add(
-            "token_embd.weight", self.st.shape(f"{fam.embed}.weight"), self.source(f"{fam.embed}.weight")
-        )
-        self.add("output_norm.weight", (hidden,), self.source(f"{fam.final_norm}.weight"))
-        head = f"{fam.head}.weight"
+        self.add("token_embd.weight", self.st.shape(f"{a.embed}.weight"), self.source(f"{a.embed}.weight"))
+        self.add("output_norm.weight", (hidden,), self.source(f"{a.final_norm}.weight"))
+        head = f"{a.head}.weight"
         if not getattr(cfg, "tie_word_embeddings", False):
             if head not in self.st:
                 raise ModelSourceError(f"{head} is missing and the config does not tie it to the embedding")
@@ -492,7 +484,7 @@ class Plan:
         return self.tensors
 
     def _layer(self, j: int, out: OutLayer, hidden: int) -> None:
-        a, lay, fam, g = self.a, self.lay, self.lay.family, out.geometry
+        a, lay, g = self.a, self.lay, out.geometry
         pre = f"{a.layers}.{out.source}"
         attn, mlp = f"{pre}.{a.attn}", f"{pre}.{a.mlp}"
         blk = f"blk.{j}"
@@ -500,7 +492,7 @@ class Plan:
         q_rows, kv_rows = out.groups * r * hd, out.groups * hd
         norm_ops = lambda name, n: self.source(name) if name in self.st else (lambda: torch.ones(n))  # noqa: E731
         if out.groups:  # attention (padded where the layout pads; zeros where the block was removed)
-            self.add(f"{blk}.attn_norm.weight", (hidden,), norm_ops(f"{pre}.{fam.attn_norm}.weight", hidden))
+            self.add(f"{blk}.attn_norm.weight", (hidden,), norm_ops(f"{pre}.{a.attn_norm}.weight", hidden))
             for key, gguf, rows, heads in (
                 ("q", "attn_q", q_rows, out.groups * r),
                 ("k", "attn_k", kv_rows, out.groups),
@@ -529,13 +521,13 @@ class Plan:
             else:
                 self.add(f"{blk}.attn_output.weight", (hidden, q_rows), lambda: torch.zeros(hidden, q_rows))
             if lay.arch.qk_norm:
-                for key, gguf in ((fam.q_norm, "attn_q_norm"), (fam.k_norm, "attn_k_norm")):
+                for key, gguf in ((a.q_norm, "attn_q_norm"), (a.k_norm, "attn_k_norm")):
                     self.add(f"{blk}.{gguf}.weight", (hd,), norm_ops(f"{attn}.{key}.weight", hd))
         else:
-            self.used.add(f"{pre}.{fam.attn_norm}.weight")  # an attention-free deci layer has no norm
+            self.used.add(f"{pre}.{a.attn_norm}.weight")  # an attention-free deci layer has no norm
         # MLP (padded, or the one zero channel that keeps an attention-only deci layer's output)
         n = out.channels
-        self.add(f"{blk}.ffn_norm.weight", (hidden,), norm_ops(f"{pre}.{fam.mlp_norm}.weight", hidden))
+        self.add(f"{blk}.ffn_norm.weight", (hidden,), norm_ops(f"{pre}.{a.mlp_norm}.weight", hidden))
         if g.has_mlp:
             for key, gguf in (("gate", "ffn_gate"), ("up", "ffn_up")):
                 name = f"{mlp}.{getattr(a, key)}"

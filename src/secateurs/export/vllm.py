@@ -72,8 +72,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-# The norms in front of each block (Llama, Mistral, Qwen2): a no-op block has none in vLLM's layer.
-BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
 # Keys of the source config that describe what this directory is not (any more).
 DROPPED_KEYS = ("secateurs", "auto_map", "architectures", "model_type", "transformers_version")
 
@@ -270,9 +268,9 @@ def _write_weights(source: Path, path: Path, shapes: Shapes, adapter, config: di
     files = weight_files(source) or {}
     missing = _missing_biases(shapes, adapter, config)
     unused = {  # the norms of no-op blocks: vLLM's layer has no module to load them into
-        f"{adapter.layers}.{i}.{BLOCK_NORMS[k]}.weight"
+        f"{adapter.layers}.{i}.{norm}.weight"
         for i, g in enumerate(shapes.layers)
-        for k, present in enumerate((g.has_attn, g.has_mlp))
+        for norm, present in ((adapter.attn_norm, g.has_attn), (adapter.mlp_norm, g.has_mlp))
         if not present
     }
     shards = sorted(set(files.values()))

@@ -87,6 +87,15 @@ class FamilyAdapter:
     q_norm: str = "q_norm"
     k_norm: str = "k_norm"
     qk_norm_eps: str = "variance_epsilon"  # the full-width norms' epsilon attribute
+    # checkpoint tensor names outside the prunable linears, for exports that rename every tensor: the
+    # embedding, final norm and head, and per layer the norms before the attention and before the MLP
+    # (Gemma's post-block norms and OLMo 2's norms after the blocks are not named: exports refuse those
+    # families, and masks and surgery never touch a norm)
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
     # config keys of what the CausalLM does to the logits after lm_head (see `final_logits`)
     logits_divisor: str | None = None  # logits / config[key] (Granite's logits_scaling)
     logits_softcap: str | None = None  # cap * tanh(logits / cap) (Gemma's final_logit_softcapping)
