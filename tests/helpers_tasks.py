@@ -8,7 +8,10 @@ models' 128-position context with the character tokenizer. The data file's path 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
 
 TASK = "secateurs_facts"
 
@@ -62,3 +65,33 @@ def write_task(folder: Path, name: str = TASK, facts=FACTS, dataset_path: str = 
         "metadata:\n  version: 1.0\n"
     )
     return folder
+
+
+@torch.inference_mode()
+def by_hand(model, tok, facts) -> dict[str, float]:
+    """lm-eval's multiple choice, worked out directly: each ending's summed log-probability after the
+    sentence and a space (the task's target delimiter); `acc` takes the largest, `acc_norm` the largest
+    per character of the ending; the stderr is the sample standard deviation over sqrt(n)."""
+    hits, hits_norm = [], []
+    for sentence, endings, answer in facts:
+        context = tok(sentence, add_special_tokens=False)["input_ids"]
+        scores = []
+        for ending in endings:
+            whole = tok(f"{sentence} {ending}", add_special_tokens=False)["input_ids"]
+            logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+            scores.append(sum(float(logp[t - 1, whole[t]]) for t in range(len(context), len(whole))))
+        best = max(range(len(endings)), key=lambda i: scores[i])
+        best_norm = max(range(len(endings)), key=lambda i: scores[i] / len(endings[i]))
+        hits.append(float(best == answer))
+        hits_norm.append(float(best_norm == answer))
+
+    def stderr(x):
+        mean = sum(x) / len(x)
+        return math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1) / len(x))
+
+    return {
+        "acc": sum(hits) / len(hits),
+        "acc_stderr": stderr(hits),
+        "acc_norm": sum(hits_norm) / len(hits_norm),
+        "acc_norm_stderr": stderr(hits_norm),
+    }

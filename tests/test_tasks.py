@@ -3,7 +3,6 @@ hand from the model's log-likelihoods, settings reach it, a missing task or data
 dense model's figures are cached like its perplexity."""
 
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -14,42 +13,12 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from helpers_tasks import FACTS, TASK, write_task  # noqa: E402
+from helpers_tasks import FACTS, TASK, by_hand, write_task  # noqa: E402
 from helpers_tokenizer import tiny_tokenizer  # noqa: E402
 from secateurs import progress as progress_module  # noqa: E402
 from secateurs.errors import ConfigError, TaskError  # noqa: E402
 from secateurs.eval.tasks import TaskConfig, load_tasks, run_tasks  # noqa: E402
 from secateurs.testing import tiny_model  # noqa: E402
-
-
-@torch.inference_mode()
-def by_hand(model, tok, facts) -> dict[str, float]:
-    """lm-eval's multiple choice, worked out directly: each ending's summed log-probability after the
-    sentence and a space (the task's target delimiter); `acc` takes the largest, `acc_norm` the largest
-    per character of the ending; the stderr is the sample standard deviation over sqrt(n)."""
-    hits, hits_norm = [], []
-    for sentence, endings, answer in facts:
-        context = tok(sentence, add_special_tokens=False)["input_ids"]
-        scores = []
-        for ending in endings:
-            whole = tok(f"{sentence} {ending}", add_special_tokens=False)["input_ids"]
-            logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
-            scores.append(sum(float(logp[t - 1, whole[t]]) for t in range(len(context), len(whole))))
-        best = max(range(len(endings)), key=lambda i: scores[i])
-        best_norm = max(range(len(endings)), key=lambda i: scores[i] / len(endings[i]))
-        hits.append(float(best == answer))
-        hits_norm.append(float(best_norm == answer))
-
-    def stderr(x):
-        mean = sum(x) / len(x)
-        return math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1) / len(x))
-
-    return {
-        "acc": sum(hits) / len(hits),
-        "acc_stderr": stderr(hits),
-        "acc_norm": sum(hits_norm) / len(hits_norm),
-        "acc_norm_stderr": stderr(hits_norm),
-    }
 
 
 def test_local_task_accuracy_equals_the_models_own_loglikelihoods(
