@@ -261,6 +261,25 @@ def _quiet(names: tuple[str, ...], level: int = logging.ERROR) -> Iterator[None]
             lg.setLevel(lv)
 
 
+@contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """`simple_evaluate` records the git commit of the working directory by running `git describe`,
+    whose stderr ("fatal: not a git repository") reaches the terminal outside a checkout. secateurs does
+    not keep that field (its own versions are in plan.json), so the probe is skipped; lm-eval versions
+    without that name are left alone."""
+    import lm_eval.evaluator as evaluator
+
+    if not hasattr(evaluator, "get_git_commit_hash"):
+        yield
+        return
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
+
+
 def run_tasks(
     model: nn.Module, tokenizer, suite: TaskSuite, batch_size: int = 8, label: str = "tasks"
 ) -> dict[str, Any]:
@@ -276,7 +295,12 @@ def run_tasks(
     with _quiet(_QUIET_LOGGERS):
         lm = _tracked_lm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     lm.label = label
-    with _restored_generators(device), _quiet(("lm_eval",), logging.WARNING), _quiet_datasets():
+    with (
+        _restored_generators(device),
+        _quiet(("lm_eval",), logging.WARNING),
+        _quiet_datasets(),
+        _no_git_probe(),
+    ):
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=suite.objects,

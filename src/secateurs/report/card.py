@@ -195,8 +195,9 @@ def what_was_done(record: dict[str, Any], base: dict[str, str | None]) -> str:
     ]
     if tasks:
         s = tasks["settings"]
-        rows.append(["tasks", f"{', '.join(s['tasks'])} through lm-eval; {s['limit'] or 'all'} examples each, "
-                     f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}"])  # fmt: skip
+        shots = "each task's own number of shots" if s["num_fewshot"] is None else f"{s['num_fewshot']}-shot"
+        scope = f"the first {s['limit']} examples" if s["limit"] else "all examples"
+        rows.append(["tasks", f"{', '.join(s['tasks'])} through lm-eval; {scope} of each, {shots}"])
     return _table(["", ""], rows)
 
 
@@ -230,9 +231,9 @@ def card_text(
     ]
     if pictures:
         parts.append("## Pictures\n")
-        parts += [
-            f"**{CAPTIONS.get(f, f).capitalize()}.**\n\n![{CAPTIONS.get(f, f)}]({f})\n" for f in pictures
-        ]
+        for f in pictures:
+            caption = CAPTIONS.get(f, f)
+            parts.append(f"**{caption[0].upper()}{caption[1:]}.**\n\n![{caption}]({f})\n")
     parts += [
         "## Use\n",
         f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = {load}\n```\n",

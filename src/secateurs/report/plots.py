@@ -87,13 +87,13 @@ def shape_figure(record: dict[str, Any]):
         ax.plot([], [], "kx", label="block dropped")
     ax.set_xlabel("layer")
     ax.set_ylabel("kept share")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)  # room above the bars for the legend
     ax.set_xticks(layers)
     p = record["parameters"]
     ax.set_title(
         f"{record['method']}: {p['sparsity']:.1%} of attention + MLP removed ({p['total_removed_share']:.1%} of all)"
     )
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper center", ncol=3, fontsize="small")
     return fig
 
 
