@@ -1,6 +1,9 @@
 """The prune job end to end: data, dense evaluation (cached), method, surgery, evaluation, save, report.
 
-The CLI is a thin layer over `run_prune`; library users can call it, or the pieces, directly.
+The CLI is a thin layer over `run_prune`; library users can call it, or the pieces, directly. Every
+phase's time and peak memory go into the report (`report["phases"]`, `eval.measure.phase`). With
+data-parallel workers (`secateurs.distributed`) every rank runs the same job on its share of each
+evaluation; rank 0 alone writes the cache, the checkpoints and the output.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs import distributed
 from secateurs.checkpoint import clear_state
 from secateurs.data import eval_windows, load_documents, sample_windows
 from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import ConfigError, DataError
 from secateurs.eval.loss import perplexity
-from secateurs.eval.measure import measure
+from secateurs.eval.measure import phase
 from secateurs.io import (
     atomic_write_json,
     check_free_space,
@@ -33,6 +37,7 @@ from secateurs.io import (
     tensor_digest,
 )
 from secateurs.methods.base import MethodConfig, get_method
+from secateurs.models.placement import input_device
 from secateurs.scoring.select import check_reachable, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.reconstruct import ReconstructConfig, bias_budget, reconstruct_
@@ -221,10 +226,13 @@ def cached_perplexity(
     full = key | {"code": source_digest(EVAL_SOURCES), "libraries": library_versions()}
     digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "eval" / f"{digest}.json"
-    if path.is_file():
-        return json.loads(path.read_text()) | {"cached": True}
+    hit = distributed.on_main(
+        lambda: json.loads(path.read_text()) if path.is_file() else None, "the eval cache"
+    )
+    if hit is not None:
+        return hit | {"cached": True}
     result = perplexity(model, windows, batch_size)
-    atomic_write_json(path, result | {"key": full})
+    distributed.on_main(lambda: atomic_write_json(path, result | {"key": full}), "the eval cache")
     return result
 
 
@@ -256,19 +264,22 @@ def run_prune(
     batch_size: int = 8,
     reserved: Path | None = None,
     repair: ReconstructConfig | None = None,
+    phases: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune `model` in place with `method` and write the result to `out` (atomically) if given.
 
     The output is checked before any work (`io.reserved_dir`, unless the caller reserved it already,
     and the free space for the pruned model); a failed save keeps the plan (see `save_pruned`).
     `repair` (default: `ReconstructConfig()`, least squares) runs after the method, on its own
-    calibration windows, as part of surgery.
+    calibration windows, as part of surgery. `phases`: figures of phases the caller measured before
+    (loading the model), recorded first in `report["phases"]`. With workers, rank 0 alone reserves and
+    writes `out`; the others wait for its save and share its outcome.
     """
     repair = repair or ReconstructConfig()
-    with reserved_dir(out, overwrite, reserved) as reserved:
+    with reserved_dir(out if distributed.is_main() else None, overwrite, reserved) as reserved:
         return _run_prune(
             model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved,
-            repair,
+            repair, phases or {},
         )  # fmt: skip
 
 
@@ -301,13 +312,13 @@ def run_repair(
 ) -> dict[str, Any]:
     """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time)."""
     windows = repair_windows(tokenizer, data, repair) if repair.reconstruct != "none" else None
-    with measure() as m:
+    with phase({}, "repair") as m:
         if windows is None:
             apply_plan_(model, plan)
             record: dict[str, Any] = {"mode": "none"}
         else:
             record = reconstruct_(model, plan, windows, repair, batch_rows=batch_size)
-    record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2)}
+    record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2), "phase": m.record()}
     if windows is not None:
         record["calib"] = {"source": data.calib, "seed": data.seed, "windows": tensor_digest(windows)}
     return record
@@ -336,6 +347,7 @@ def search(
     repair: ReconstructConfig,
     evaluate: bool,
     batch_size: int,
+    phases: dict[str, Any] | None = None,
 ) -> Search:
     """The method's plan (the model comes back unchanged) and the dense evaluation (cached)."""
     space = UnitSpace.from_model(model)
@@ -343,8 +355,10 @@ def search(
     calib = calibration_windows(tokenizer, data)
     ev, ev_fp = evaluation_windows(tokenizer, data) if evaluate else (None, None)
     report: dict[str, Any] = {"model": model_name, "data": asdict(data), "split": data.describe()}
+    report["phases"] = dict(phases or {})
+    report["workers"] = distributed.world_size()
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
-    with measure() as m:
+    with phase(report, "search") as m:
         plan = make_plan(model, method, paying_for_repair(config, space, repair), calib)
     report["method_time_s"], report["method_peak_rss_mb"] = m.seconds, m.peak_rss_mb
     if m.cuda_peak_mb is not None:
@@ -362,9 +376,10 @@ def search(
             "seq_len": data.eval_seq_len,
             "tokens": int(ev.numel()),
             "dtype": str(weights.dtype),
-            "device": weights.device.type,  # CUDA kernels give slightly different figures than CPU ones
+            "device": input_device(model).type,  # CUDA kernels give slightly different figures than CPU
         }
-        report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
+        with phase(report, "dense_eval"):
+            report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
     return Search(plan, report, space, dense_params, target_params(space, config.sparsity), ev)
 
 
@@ -373,14 +388,17 @@ def finish(
 ) -> dict[str, Any]:
     """Surgery with the repair on the dense `model`, the pruned evaluation, and the plan.json record."""
     report = dict(found.report)
+    report["phases"] = dict(report.get("phases", {}))
     report["reconstruct"] = run_repair(model, found.plan, tokenizer, data, repair, batch_size)
+    report["phases"]["repair"] = report["reconstruct"].pop("phase")
     removed = found.space.total_cost - UnitSpace.from_model(model).total_cost
     if removed < found.target:  # never silently: the repair's biases were budgeted before selection
         raise ConfigError(
             f"the repaired model removes {removed} parameters, short of the target {found.target}"
         )
     if found.eval_windows is not None:
-        report["pruned_eval"] = perplexity(model, found.eval_windows, batch_size)
+        with phase(report, "pruned_eval"):
+            report["pruned_eval"] = perplexity(model, found.eval_windows, batch_size)
     record = plan_record(found.plan, found.dense_params, found.space.total_cost, model)
     record["reconstruct"] = report["reconstruct"]
     record["report"] = report
@@ -413,20 +431,27 @@ def run_prune_modes(
 
 
 def _run_prune(
-    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair
-) -> PruneResult:
+    model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair,
+    phases,
+) -> PruneResult:  # fmt: skip
     data.check_context(model)
     checkpoint = getattr(config, "checkpoint_dir", None)
     if overwrite and checkpoint and not getattr(config, "resume", False):
-        clear_state(checkpoint)  # --overwrite starts a run over, its checkpoint included
+        # --overwrite starts a run over, its checkpoint included
+        distributed.on_main(lambda: clear_state(checkpoint), "clearing the checkpoint")
     if out is not None:
         space = UnitSpace.from_model(model)
-        check_free_space(Path(out).parent, _pruned_bytes(model, space, config.sparsity))
-    found = search(model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size)
+        need = _pruned_bytes(model, space, config.sparsity)
+        distributed.on_main(lambda: check_free_space(Path(out).parent, need), "checking free space")
+    found = search(model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size, phases)
     record = finish(model, tokenizer, found, data, repair, batch_size)
     if out is not None:
-        save_pruned(
-            model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
-            rescue_dirs=(checkpoint,) if checkpoint else (),
-        )  # fmt: skip
+        with phase(record["report"], "save"):  # recorded in the result; plan.json has the phases before it
+            distributed.on_main(
+                lambda: save_pruned(
+                    model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
+                    rescue_dirs=(checkpoint,) if checkpoint else (),
+                ),
+                "saving the output",
+            )  # fmt: skip
     return PruneResult(found.plan, record, model)

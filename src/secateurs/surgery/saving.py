@@ -263,21 +263,28 @@ def load_skeleton(path: str | Path) -> nn.Module:
 
 
 def load_pruned(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    **big: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a directory written by `save_pruned` (or any stock directory of a supported family).
 
     Uses no remote code: the per-layer shapes are rebuilt by secateurs' own copy of the modelling code.
+    `big`: `from_pretrained`'s big-model arguments (`device_map`, `max_memory`, `offload_folder`); the
+    model then stays where they put it.
     """
     path = Path(path)
     cls, config = model_class_and_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        model = cls.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+        model = cls.from_pretrained(path, config=config, dtype=dtype or torch.float32, **big)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign weights, shapes that do not match
         raise ModelSourceError(f"cannot load the weights in {path}: {one_line(exc)}") from exc
-    model.to(device).eval()
+    model.eval()
+    if not big:
+        model.to(device)
     tokenizer = None
     if any(path.glob("tokenizer*")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
