@@ -237,7 +237,8 @@ def cached_perplexity(
 
 
 def make_plan(model: nn.Module, method: str, config: MethodConfig, calib: torch.Tensor) -> Plan:
-    """Run a registered method; the model comes back unchanged."""
+    """Run a registered method; the model comes back unchanged (methods may prune it in place meanwhile,
+    without a second copy: see `Method.plan`)."""
     cls = get_method(method)
     space = UnitSpace.from_model(model)
     check_reachable(space, config.sparsity, config.allocation, tuple(config.units), config.uniform_attention)

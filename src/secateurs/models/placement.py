@@ -155,6 +155,8 @@ def offload_folder(model: nn.Module) -> Path:
     """The directory re-offloaded layers are written to: under the model's offload folder, or a
     temporary one; removed when the process exits."""
     root = getattr(model, OFFLOAD_ATTR, None)
+    if root is not None:
+        Path(root).mkdir(parents=True, exist_ok=True)
     own = Path(tempfile.mkdtemp(prefix="secateurs-offload-", dir=root))
     atexit.register(shutil.rmtree, own, True)
     setattr(model, OFFLOAD_ATTR + "_own", own)
