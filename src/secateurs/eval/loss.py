@@ -11,6 +11,7 @@ a few thousand tokens at a time, then through what the family's `*ForCausalLM` d
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from secateurs.models.placement import input_device
 from secateurs.progress import progress as progress_bar
 from secateurs.units.masks import Masks, masked
 from secateurs.units.space import UnitSpace
+
+log = logging.getLogger(__name__)
+_IDLE_WARNED: list[bool] = []
 
 LOGIT_CHUNK_TOKENS = 2048  # rows of [tokens, vocab] logits alive at once: 2048 x 49k fp32 = 400 MB
 
@@ -125,6 +129,13 @@ class SubmodelEvaluator:
         rows = masks.repeat_interleave(n) if masks is not None else None
         total = torch.zeros(k * n, dtype=torch.float32)  # zeros: the other ranks' rows (see gather)
         starts = range(0, k * n, self.max_rows)
+        if len(starts) < distributed.world_size() and not _IDLE_WARNED:
+            _IDLE_WARNED.append(True)  # once per process: the policy gradient makes an evaluator per step
+            log.warning(
+                "%d micro-batch(es) of %d rows per call for %d workers: some workers idle; a smaller "
+                "--batch-rows spreads them (plans are the same for the same --batch-rows)",
+                len(starts), self.max_rows, distributed.world_size(),
+            )  # fmt: skip
         mine = [starts[j] for j in distributed.my_share(len(starts))]
         for s in mine if progress is None else progress_bar(mine, desc=progress, unit="fwd", leave=False):
             e = min(s + self.max_rows, k * n)
