@@ -90,6 +90,7 @@ def main() -> None:
         _worker(args)
         return
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(w) for w in args.workers.split(",")):
             result = Path(tmp) / f"{n}.json"
@@ -102,7 +103,8 @@ def main() -> None:
     print(
         f"{args.model}: {args.masks} masks x {args.windows} windows x {args.seq_len} tokens = {tokens:,} tokens per "
         f"call, {base['micro_batches']} micro-batches of {args.batch_rows} rows; median of {args.repeats} calls "
-        f"after a warm-up; {distributed.cores()} cores"
+        f"after a warm-up; {distributed.cores()} cores, load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (other processes share the cores when it is above 0)"
     )
     print("| workers | threads per rank | tokens/s | speed-up | losses identical to 1 worker |")
     print("|---|---|---|---|---|")
