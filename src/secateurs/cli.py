@@ -237,6 +237,10 @@ def cmd_prune(args) -> int:
     if args.workers > 1 and not distributed.requested():
         return _launch_workers(args)
     if distributed.requested():
+        if args.workers > 1 and args.workers != int(os.environ["WORLD_SIZE"]):
+            raise ConfigError(
+                f"--workers {args.workers} under a launcher that started {os.environ['WORLD_SIZE']}"
+            )
         args.device = distributed.init(args.device)
     try:
         return _prune(args)

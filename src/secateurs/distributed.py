@@ -190,29 +190,22 @@ def gather_disjoint(t: torch.Tensor, what: str = "an evaluation") -> torch.Tenso
     return buf.to(t.device)
 
 
-def all_max(x: float, what: str = "a figure") -> float:
-    """The largest `x` over the ranks (peak memory of the busiest rank)."""
+def _reduce_scalar(x: float, op: Any, dtype: torch.dtype, what: str) -> float:
     if not active():
         return x
-    buf = torch.tensor([float(x)], dtype=torch.float64, device=_backend_device())
-    _collective(what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MAX))
-    return float(buf.item())
+    buf = torch.tensor([x], dtype=dtype, device=_backend_device())
+    _collective(what, lambda: dist.all_reduce(buf, op=op))
+    return buf.item()
+
+
+def all_max(x: float, what: str = "a figure") -> float:
+    """The largest `x` over the ranks (peak memory of the busiest rank)."""
+    return float(_reduce_scalar(float(x), dist.ReduceOp.MAX, torch.float64, what))
 
 
 def all_min(x: int, what: str = "a setting") -> int:
-    if not active():
-        return x
-    buf = torch.tensor([int(x)], dtype=torch.int64, device=_backend_device())
-    _collective(what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.MIN))
-    return int(buf.item())
-
-
-def all_sum(x: int, what: str = "a count") -> int:
-    if not active():
-        return x
-    buf = torch.tensor([int(x)], dtype=torch.int64, device=_backend_device())
-    _collective(what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
-    return int(buf.item())
+    """The smallest `x` over the ranks (a batch size every rank can hold)."""
+    return int(_reduce_scalar(int(x), dist.ReduceOp.MIN, torch.int64, what))
 
 
 def on_main(fn: Callable[[], T], what: str = "rank 0's work") -> T:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from secateurs import distributed
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, ModelSourceError, one_line
 from secateurs.io import atomic_dir
@@ -330,8 +331,8 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = None
-    if source == DEFAULT_SOURCE:
-        location: str | Path = default_model_dir()
+    if source == DEFAULT_SOURCE:  # converted once, by rank 0 when there are workers
+        location: str | Path = distributed.on_main(default_model_dir, "converting the default model")
     elif _is_local(source):
         path = Path(source).expanduser()
         if not path.exists():
