@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (the CLI default)")
     ap.add_argument("--seq-len", type=int, default=128, help="their length (the CLI default)")
+    ap.add_argument("--masks-per-round", type=int, default=40, help="Bonsai's sub-models (its default)")
     ap.add_argument(
         "--batch-rows", type=int, default=8, help="rows per forward on CPU (CUDA: from free memory)"
     )

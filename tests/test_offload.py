@@ -95,6 +95,9 @@ def test_prune_with_a_device_map_equals_prune_in_memory(tiny_dir, tmp_path, caps
     assert a["layers"] == b["layers"]
     assert a["report"]["pruned_eval"] == b["report"]["pruned_eval"]
     assert a["reconstruct"]["layers"] == b["reconstruct"]["layers"]
+    phases = b["report"]["phases"]  # time and peak memory of every phase, in every report
+    assert list(phases) == ["load", "search", "dense_eval", "repair", "pruned_eval"]
+    assert all(p["peak_rss_mb"] > 0 and p["seconds"] >= 0 for p in phases.values())
 
 
 def test_placement_settings_are_checked(tiny_dir, capsys):

@@ -285,6 +285,8 @@ class Placement:
         elif dev.index is not None:  # a rank's own GPU and the CPU, never the other ranks' GPUs
             memory = {dev.index: f"{torch.cuda.mem_get_info(dev.index)[0] // 2**20}MiB", "cpu": _ram()}
         folder = self.offload_folder
+        if folder is not None and distributed.world_size() > 1:  # each rank's copy offloads on its own
+            folder = str(Path(folder) / f"rank-{distributed.rank()}")
         if folder is None:
             folder = tempfile.mkdtemp(prefix="secateurs-offload-")
             atexit.register(shutil.rmtree, folder, True)
