@@ -254,21 +254,19 @@ def _launch_workers(args) -> int:
     from secateurs import distributed
     from secateurs.io import remove_stale_tmp
 
-    _export_formats(args)  # a bad --export fails here, once, not in every worker
+    _prune_settings(args)  # a bad setting fails here, once, not in every worker
     out = Path(args.out) if args.out else None
     return distributed.launch(
         args.argv, args.workers, on_exit=(lambda: remove_stale_tmp(out)) if out else None
     )
 
 
-def _prune(args) -> int:
-    from secateurs import distributed
-    from secateurs.eval.measure import phase
-    from secateurs.io import reserved_dir
+def _prune_settings(args) -> tuple[Any, Any, Any, list[str]]:
+    """The method, data and repair configs and the export formats of `prune`, validated (before
+    anything loads, and before `--workers` starts anything)."""
     from secateurs.methods import get_method
-    from secateurs.pipeline import DataConfig, run_prune
+    from secateurs.pipeline import DataConfig
     from secateurs.surgery.reconstruct import ReconstructConfig
-    from secateurs.units.space import SPARSITY_DEFINITION
 
     values = vars(args)
     method_cls = get_method(args.method)
@@ -281,7 +279,18 @@ def _prune(args) -> int:
     config = _build(method_cls.config_class, values)  # validates sparsity etc. before loading anything
     data = _build(DataConfig, values)
     repair = _build(ReconstructConfig, values)
-    formats = _export_formats(args)
+    return config, data, repair, _export_formats(args)
+
+
+def _prune(args) -> int:
+    from secateurs import distributed
+    from secateurs.eval.measure import phase
+    from secateurs.io import reserved_dir
+    from secateurs.pipeline import run_prune
+    from secateurs.units.space import SPARSITY_DEFINITION
+
+    values = vars(args)
+    config, data, repair, formats = _prune_settings(args)
     main = distributed.is_main()
     phases: dict[str, Any] = {}
     # an unwritable --out fails before the load (rank 0 writes it; the other ranks wait for its save)
