@@ -13,6 +13,10 @@ The rule (`RunCheckpoint.start`):
 - with `resume`, an empty directory or one holding another method's, another version's, another
   model's or other data's checkpoint is an error, never a silent fresh start;
 - settings may differ from the checkpoint's only in the keys the method names as resumable.
+
+With data-parallel workers (`secateurs.distributed`), rank 0 alone reads and writes the checkpoint; the
+others receive what it read (or its error) and wait for each save, so a checkpoint that cannot be written
+stops every rank with the same error.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from secateurs import distributed
 from secateurs.errors import ConfigError
 from secateurs.io import atomic_write_json, jsonable, tensor_digest, tmp_sibling
 
@@ -42,7 +47,9 @@ def run_fingerprint(model: nn.Module | None, calib: torch.Tensor) -> dict[str, A
     checksum = None
     if model is not None:
         with torch.no_grad():
-            checksum = round(float(sum(p.detach().double().abs().sum() for p in model.parameters())), 3)
+            from secateurs.models.placement import tensors  # offloaded weights, one module at a time
+
+            checksum = round(float(sum(p.detach().double().abs().sum().cpu() for _, p in tensors(model))), 3)
     return {"params": checksum, "calib": tensor_digest(calib), "calib_shape": list(calib.shape)}
 
 
@@ -134,6 +141,9 @@ class RunCheckpoint:
 
     def start(self, resume: bool, overwrite: bool = False) -> dict[str, Any] | None:
         """The state to continue from (None: start afresh), after the checks in the module docstring."""
+        return distributed.on_main(lambda: self._start(resume, overwrite), "reading the checkpoint")
+
+    def _start(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
         if self.directory is None:
             if resume:
                 raise ConfigError("resume needs a checkpoint directory")
@@ -154,7 +164,8 @@ class RunCheckpoint:
     def save(self, state: dict[str, Any]) -> None:
         if self.directory is not None:
             header = {"method": self.method, "version": self.version, "settings": self.settings}
-            save_state(self.directory, header | {"fingerprint": self.fingerprint, "state": state})
+            record = header | {"fingerprint": self.fingerprint, "state": state}
+            distributed.on_main(lambda: save_state(self.directory, record), "saving the checkpoint")
 
     def _check(self, saved: dict[str, Any]) -> None:
         if saved.get("method") != self.method or saved.get("version") != self.version:

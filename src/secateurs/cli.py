@@ -118,10 +118,32 @@ def _setup_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per evaluation forward (default: 8)")
 
 
-def _load(args):
-    from secateurs.models.loading import load_model, model_id
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models larger than one device (accelerate's big-model loading)")
+    g.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto"],
+        help="spread one copy over the GPUs, CPU memory and disk (with --device cpu: CPU and disk only; with "
+        "--workers: each rank's own GPU, CPU and disk)",
+    )
+    g.add_argument(
+        "--max-memory", default=None, help="per device, e.g. 0=20GiB,cpu=60GiB (per rank with --workers)"
+    )
+    g.add_argument(
+        "--offload-folder", default=None, help="where disk-offloaded weights go (default: a temp dir)"
+    )
 
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+
+def _load(args):
+    from secateurs.models.loading import Placement, load_model, model_id
+
+    placement = Placement(
+        getattr(args, "device_map", None),
+        getattr(args, "max_memory", None),
+        getattr(args, "offload_folder", None),
+    )
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, placement=placement)
     return model, tok, model_id(args.model)
 
 
@@ -232,12 +254,44 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from secateurs import distributed
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 and not distributed.requested():
+        return _launch_workers(args)
+    if distributed.requested():
+        if args.workers > 1 and args.workers != int(os.environ["WORLD_SIZE"]):
+            raise ConfigError(
+                f"--workers {args.workers} under a launcher that started {os.environ['WORLD_SIZE']}"
+            )
+        args.device = distributed.init(args.device)
+    try:
+        return _prune(args)
+    finally:
+        distributed.shutdown()
+
+
+def _launch_workers(args) -> int:
+    """`--workers N`: the same command line as N local ranks (`distributed.launch`); a killed rank 0's
+    temporary output is cleared once every worker is gone."""
+    from secateurs import distributed
+    from secateurs.io import remove_stale_tmp
+
+    _prune_settings(args)  # a bad setting fails here, once, not in every worker
+    out = Path(args.out) if args.out else None
+    return distributed.launch(
+        args.argv, args.workers, on_exit=(lambda: remove_stale_tmp(out)) if out else None
+    )
+
+
+def _prune_settings(args) -> tuple[Any, Any, Any, Any, list[str]]:
+    """The method, data, repair and task configs and the export formats of `prune`, validated (before
+    anything loads, and before `--workers` starts anything)."""
     from secateurs.eval.tasks import TaskConfig
-    from secateurs.io import reserved_dir
     from secateurs.methods import get_method
-    from secateurs.pipeline import DataConfig, run_prune
+    from secateurs.pipeline import DataConfig
     from secateurs.surgery.reconstruct import ReconstructConfig
-    from secateurs.units.space import SPARSITY_DEFINITION
 
     values = vars(args)
     method_cls = get_method(args.method)
@@ -251,9 +305,26 @@ def cmd_prune(args) -> int:
     data = _build(DataConfig, values)
     repair = _build(ReconstructConfig, values)
     tasks = _build(TaskConfig, values)
-    formats = _export_formats(args)
-    with reserved_dir(args.out, args.overwrite) as reserved:  # an unwritable --out fails before the load
-        model, tok, name = _load(args)
+    return config, data, repair, tasks, _export_formats(args)
+
+
+def _prune(args) -> int:
+    from secateurs import distributed
+    from secateurs.eval.measure import phase
+    from secateurs.io import reserved_dir
+    from secateurs.pipeline import run_prune
+    from secateurs.units.space import SPARSITY_DEFINITION
+
+    values = vars(args)
+    config, data, repair, tasks, formats = _prune_settings(args)
+    main = distributed.is_main()
+    phases: dict[str, Any] = {}
+    # an unwritable --out fails before the load (rank 0 writes it; the other ranks wait for its save)
+    with reserved_dir(args.out if main else None, args.overwrite) as reserved:
+        with phase(phases, "load"):
+            model, tok, name = _load(args)
+        if "batch_rows" not in values:
+            config = _sized_batch(config, model, data)
         if formats:  # a target that cannot run what the search may produce fails now, not after it
             from secateurs.export import check_before_search
 
@@ -279,17 +350,39 @@ def cmd_prune(args) -> int:
             reserved=reserved,
             repair=repair,
             tasks=tasks,
+            phases=phases.get("phases"),
         )
     for fmt in formats:
-        from secateurs.export import EXPORTERS, export
-
-        path = export(args.out, fmt, Path(args.out) / EXPORTERS[fmt].filename, **_export_options(args, fmt))
-        print(f"exported {fmt}: {path}")
+        path = distributed.on_main(lambda f=fmt: _export_into_out(args, f), "export")
+        if main:
+            print(f"exported {fmt}: {path}")
+    if not main:
+        return 0
     _print_summary(res.record, args.out)
     print(SPARSITY_DEFINITION)
     if args.json:
         print(json.dumps(res.record["parameters"] | {"report": res.record["report"]}))
     return 0
+
+
+def _sized_batch(config, model, data):
+    """On CUDA, sub-model batches sized from free memory when `--batch-rows` is not given (the same on
+    every rank: the smallest)."""
+    from secateurs import distributed
+    from secateurs.eval.loss import rows_for_free_memory
+
+    rows = rows_for_free_memory(model, data.seq_len)
+    if rows is None:
+        return config
+    rows = distributed.all_min(rows, "sizing batches")
+    log.info("sub-model batches of %d rows, sized from free GPU memory (--batch-rows to set)", rows)
+    return dataclasses.replace(config, batch_rows=rows)
+
+
+def _export_into_out(args, fmt: str) -> Path:
+    from secateurs.export import EXPORTERS, export
+
+    return export(args.out, fmt, Path(args.out) / EXPORTERS[fmt].filename, **_export_options(args, fmt))
 
 
 def _export_formats(args) -> list[str]:
@@ -396,6 +489,19 @@ def _print_summary(record: dict, out) -> None:
     if "pruned_tasks" in r:
         rows += _task_rows(r["dense_tasks"], r["pruned_tasks"])
     print(_table(rows, list(rows[0])))
+    phases = [
+        {
+            "phase": name,
+            "time s": f"{ph['seconds']:.1f}",
+            "peak RSS MB": f"{ph['peak_rss_mb']:.0f}",
+            "peak CUDA MB": f"{ph['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in ph else "-",
+        }
+        for name, ph in r.get("phases", {}).items()
+    ]
+    if phases:
+        workers = r.get("workers", 1)
+        print(f"time and peak memory per phase{f' (busiest of {workers} ranks)' if workers > 1 else ''}:")
+        print(_table(phases, list(phases[0])))
     shape = [
         {
             "layer": u["layer"],
@@ -556,6 +662,13 @@ def _add_prune(sub: Any, method: str | None) -> None:
     pr.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     pr.add_argument("--json", action="store_true", help="also print the record as JSON")
     pr.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="data-parallel ranks started locally (gloo on CPU, NCCL with one GPU each on CUDA); the plan is "
+        "the same for any number (default: 1; under torchrun, its --nproc-per-node)",
+    )
+    pr.add_argument(
         "--export",
         default=None,
         metavar="FMT[,FMT]",
@@ -563,6 +676,7 @@ def _add_prune(sub: Any, method: str | None) -> None:
     )
     _add_export_options(pr)
     _setup_common(pr)
+    _add_placement(pr)
     shared = pr.add_argument_group(
         "settings every method shares", f"defaults shown are those of --method {chosen.name}"
     )
@@ -625,6 +739,7 @@ def _add_eval(sub: Any) -> None:
     ev.add_argument("--data", default="default", help="default | FILE.txt | FILE.jsonl | wikitext2 | c4")
     ev.add_argument("--json", action="store_true")
     _setup_common(ev)
+    _add_placement(ev)
     for name in _field_names(DataConfig, skip=("calib", "eval", "nsamples", "seq_len", "seed")):
         _add_field(ev, DataConfig, name)
     ev.add_argument(
@@ -683,6 +798,7 @@ def _add_apply(sub: Any) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
     _setup_common(ap)
+    _add_placement(ap)
     for name in ("calib", "text_field", "seed", "nsamples", "seq_len"):  # the repair's windows
         _add_field(ap, DataConfig, name)
     _add_repair_group(ap)
@@ -693,6 +809,7 @@ def _add_info(sub: Any) -> None:
     inf = sub.add_parser("info", help="prunable units per layer, their costs and totals")
     inf.add_argument("model")
     _setup_common(inf)
+    _add_placement(inf)
     inf.set_defaults(func=cmd_info)
 
 
@@ -771,6 +888,12 @@ def _chosen_method(argv: list[str]) -> str | None:
     return None
 
 
+def _rank_tag() -> str:
+    """ "[rank R] " in a data-parallel worker other than rank 0, so that its error says whose it is."""
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank not in (None, "0") and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -787,17 +910,18 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
+        args.argv = argv  # `--workers` starts the same command line again
         return args.func(args)
     except SecateursError as e:
         if debug:
             raise
-        print(f"secateurs: error: {e}", file=sys.stderr)
+        print(f"secateurs: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2
     except OSError as e:  # an I/O failure a user can fix (permissions, space, a vanished file)
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"secateurs: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"secateurs: error: {_rank_tag()}{where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("secateurs: interrupted", file=sys.stderr)

@@ -37,6 +37,10 @@ class LossError(SecateursError):
     """A loss came back NaN or infinite; the run stops with its last good checkpoint intact."""
 
 
+class WorkerError(SecateursError):
+    """A data-parallel worker died, timed out or could not join the others (see `distributed`)."""
+
+
 def one_line(exc: BaseException) -> str:
     """A library's exception as one line (type and message, whitespace collapsed), to wrap in ours."""
     text = " ".join(str(exc).split())

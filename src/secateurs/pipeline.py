@@ -1,6 +1,9 @@
 """The prune job end to end: data, dense evaluation (cached), method, surgery, evaluation, save, report.
 
-The CLI is a thin layer over `run_prune`; library users can call it, or the pieces, directly.
+The CLI is a thin layer over `run_prune`; library users can call it, or the pieces, directly. Every
+phase's time and peak memory go into the report (`report["phases"]`, `eval.measure.phase`). With
+data-parallel workers (`secateurs.distributed`) every rank runs the same job on its share of each
+evaluation; rank 0 alone writes the cache, the checkpoints and the output.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs import distributed
 from secateurs.checkpoint import clear_state
 from secateurs.data import eval_windows, load_documents, sample_windows, token_stream
 from secateurs.data.text import cache_dir, describe_split, fingerprint
 from secateurs.errors import ConfigError, DataError
 from secateurs.eval.loss import perplexity
-from secateurs.eval.measure import linear_macs_per_token, measure
+from secateurs.eval.measure import linear_macs_per_token, phase
 from secateurs.eval.tasks import TaskConfig, TaskSuite, load_tasks, run_tasks
 from secateurs.io import (
     atomic_write_json,
@@ -35,6 +39,7 @@ from secateurs.io import (
     tensor_digest,
 )
 from secateurs.methods.base import MethodConfig, get_method
+from secateurs.models.placement import input_device
 from secateurs.scoring.select import check_reachable, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.reconstruct import (
@@ -228,10 +233,13 @@ def cached_eval(key: dict[str, Any], compute: Callable[[], dict]) -> dict:
     full = key | {"code": source_digest(EVAL_SOURCES), "libraries": library_versions()}
     digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "eval" / f"{digest}.json"
-    if path.is_file():
-        return json.loads(path.read_text()) | {"cached": True}
+    hit = distributed.on_main(
+        lambda: json.loads(path.read_text()) if path.is_file() else None, "the eval cache"
+    )
+    if hit is not None:
+        return hit | {"cached": True}
     result = compute()
-    atomic_write_json(path, result | {"key": full})
+    distributed.on_main(lambda: atomic_write_json(path, result | {"key": full}), "the eval cache")
     return result
 
 
@@ -243,7 +251,8 @@ def cached_perplexity(
 
 
 def make_plan(model: nn.Module, method: str, config: MethodConfig, calib: torch.Tensor) -> Plan:
-    """Run a registered method; the model comes back unchanged."""
+    """Run a registered method; the model comes back unchanged (methods may prune it in place meanwhile,
+    without a second copy: see `Method.plan`)."""
     cls = get_method(method)
     space = UnitSpace.from_model(model)
     check_reachable(space, config.sparsity, config.allocation, tuple(config.units), config.uniform_attention)
@@ -272,6 +281,7 @@ def run_prune(
     reserved: Path | None = None,
     repair: ReconstructConfig | None = None,
     tasks: TaskConfig | None = None,
+    phases: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune `model` in place with `method` and write the result to `out` (atomically) if given, with
     its model card and pictures (`secateurs.report`).
@@ -280,12 +290,15 @@ def run_prune(
     and the free space for the pruned model); a failed save keeps the plan (see `save_pruned`).
     `repair` (default: `ReconstructConfig()`, least squares) runs after the method, on its own
     calibration windows, as part of surgery. `tasks`: lm-eval tasks scored before and after.
+    `phases`: figures of phases the caller measured before
+    (loading the model), recorded first in `report["phases"]`. With workers, rank 0 alone reserves and
+    writes `out`; the others wait for its save and share its outcome.
     """
     repair = repair or ReconstructConfig()
-    with reserved_dir(out, overwrite, reserved) as reserved:
+    with reserved_dir(out if distributed.is_main() else None, overwrite, reserved) as reserved:
         return _run_prune(
             model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved,
-            repair, tasks,
+            repair, tasks, phases or {},
         )  # fmt: skip
 
 
@@ -344,13 +357,13 @@ def run_repair(
     """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time)."""
     context = getattr(model.config, "max_position_embeddings", None)
     windows = repair_windows(tokenizer, data, repair, context) if repair.reconstruct != "none" else None
-    with measure() as m:
+    with phase({}, "repair") as m:
         if windows is None:
             apply_plan_(model, plan)
             record: dict[str, Any] = {"mode": "none"}
         else:
             record = reconstruct_(model, plan, windows, repair, batch_rows=batch_size)
-    record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2)}
+    record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2), "phase": m.record()}
     if windows is not None:
         record["calib"] = {
             "source": data.calib,
@@ -387,6 +400,7 @@ def search(
     evaluate: bool,
     batch_size: int,
     tasks: TaskConfig | None = None,
+    phases: dict[str, Any] | None = None,
 ) -> Search:
     """The method's plan (the model comes back unchanged) and the dense evaluation (cached).
 
@@ -397,8 +411,10 @@ def search(
     calib = calibration_windows(tokenizer, data)
     ev, ev_fp = evaluation_windows(tokenizer, data) if evaluate else (None, None)
     report: dict[str, Any] = {"model": model_name, "data": asdict(data), "split": data.describe()}
+    report["phases"] = dict(phases or {})
+    report["workers"] = distributed.world_size()
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
-    with measure() as m:
+    with phase(report, "search") as m:
         plan = make_plan(model, method, paying_for_repair(config, space, repair), calib)
     report["method_time_s"], report["method_peak_rss_mb"] = m.seconds, m.peak_rss_mb
     if m.cuda_peak_mb is not None:
@@ -415,16 +431,18 @@ def search(
         dense = {
             "model": model_fingerprint(model_name),  # the weights' content, not their path
             "dtype": str(weights.dtype),
-            "device": weights.device.type,  # CUDA kernels give slightly different figures than CPU ones
+            "device": input_device(model).type,  # CUDA kernels give slightly different figures than CPU
         }
     if evaluate:
         key = dense | {"eval": ev_fp, "seq_len": data.eval_seq_len, "tokens": int(ev.numel())}
-        report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
+        with phase(report, "dense_eval"):
+            report["dense_eval"] = cached_perplexity(model, ev, key, batch_size)
     if suite is not None:
         key = dense | {"lm_tasks": suite.cache_key(), "batch_size": batch_size}
-        report["dense_tasks"] = cached_eval(
-            key, lambda: run_tasks(model, tokenizer, suite, batch_size, "dense")
-        )
+        with phase(report, "dense_tasks"):
+            report["dense_tasks"] = cached_eval(
+                key, lambda: run_tasks(model, tokenizer, suite, batch_size, "dense")
+            )
     return Search(plan, report, space, dense_params, target_params(space, config.sparsity), ev, suite)
 
 
@@ -433,7 +451,9 @@ def finish(
 ) -> dict[str, Any]:
     """Surgery with the repair on the dense `model`, the pruned evaluation, and the plan.json record."""
     report = dict(found.report)
+    report["phases"] = dict(report.get("phases", {}))
     report["reconstruct"] = run_repair(model, found.plan, tokenizer, data, repair, batch_size)
+    report["phases"]["repair"] = report["reconstruct"].pop("phase")
     removed = found.space.total_cost - UnitSpace.from_model(model).total_cost
     if removed < found.target:  # never silently: the repair's biases were budgeted before selection
         raise ConfigError(
@@ -441,9 +461,11 @@ def finish(
         )
     report["pruned_macs_per_token"] = linear_macs_per_token(model)
     if found.eval_windows is not None:
-        report["pruned_eval"] = perplexity(model, found.eval_windows, batch_size)
+        with phase(report, "pruned_eval"):
+            report["pruned_eval"] = perplexity(model, found.eval_windows, batch_size)
     if found.tasks is not None:
-        report["pruned_tasks"] = run_tasks(model, tokenizer, found.tasks, batch_size, "pruned")
+        with phase(report, "pruned_tasks"):
+            report["pruned_tasks"] = run_tasks(model, tokenizer, found.tasks, batch_size, "pruned")
     record = plan_record(found.plan, found.dense_params, found.space.total_cost, model)
     record["reconstruct"] = report["reconstruct"]
     record["report"] = report
@@ -481,23 +503,32 @@ def run_prune_modes(
 def _run_prune(
     model, tokenizer, method, config, data, model_name, out, overwrite, evaluate, batch_size, reserved, repair,
     tasks,
+    phases,
 ) -> PruneResult:  # fmt: skip
     data.check_context(model)
     checkpoint = getattr(config, "checkpoint_dir", None)
     if overwrite and checkpoint and not getattr(config, "resume", False):
-        clear_state(checkpoint)  # --overwrite starts a run over, its checkpoint included
+        # --overwrite starts a run over, its checkpoint included
+        distributed.on_main(lambda: clear_state(checkpoint), "clearing the checkpoint")
     if out is not None:
         space = UnitSpace.from_model(model)
-        check_free_space(Path(out).parent, _pruned_bytes(model, space, config.sparsity))
-    found = search(model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size, tasks)
+        need = _pruned_bytes(model, space, config.sparsity)
+        distributed.on_main(lambda: check_free_space(Path(out).parent, need), "checking free space")
+    found = search(
+        model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size, tasks, phases
+    )
     record = finish(model, tokenizer, found, data, repair, batch_size)
     files: list[Path] = []
     if out is not None:
-        save_pruned(
-            model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
-            rescue_dirs=(checkpoint,) if checkpoint else (),
-        )  # fmt: skip
+        with phase(record["report"], "save"):  # recorded in the result; plan.json has the phases before it
+            distributed.on_main(
+                lambda: save_pruned(
+                    model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
+                    rescue_dirs=(checkpoint,) if checkpoint else (),
+                ),
+                "saving the output",
+            )  # fmt: skip
         from secateurs.report import write_report
 
-        files = write_report(out, record)
+        files = distributed.on_main(lambda: write_report(out, record), "writing the report")
     return PruneResult(found.plan, record, model, files)

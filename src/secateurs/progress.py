@@ -3,7 +3,8 @@
 On a terminal this is a plain tqdm bar. When stderr is not a terminal (output sent to a log file, a job
 scheduler, `nohup`), tqdm's carriage-return redraws would be one endless line or, with `disable=None`,
 nothing at all; there the bar writes one log line (`secateurs.progress`, INFO) at most every
-`LOG_INTERVAL_S` seconds, with the count, rate and ETA, so a one-hour run shows where it is.
+`LOG_INTERVAL_S` seconds, with the count, rate and ETA, so a one-hour run shows where it is. With
+data-parallel workers only rank 0 shows a bar.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def progress(
     leave: bool = True,
 ) -> tqdm:
     """A tqdm bar (use as an iterable wrapper or a context manager with `.update`), logged off a terminal."""
+    from secateurs import distributed
+
+    if not distributed.is_main():
+        return tqdm(iterable, total=total, initial=initial, disable=True)
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave)
     return tqdm(

@@ -143,7 +143,14 @@ def _parse_default_articles(path: Path) -> list[dict[str, str]]:
 
 
 def default_articles() -> list[dict[str, str]]:
-    """All cleaned default articles as ``{"title", "text"}``, sorted by title; cached as JSON on disk."""
+    """All cleaned default articles as ``{"title", "text"}``, sorted by title; cached as JSON on disk.
+    With data-parallel workers, rank 0 reads (or builds and caches) them and sends them to the others."""
+    from secateurs import distributed
+
+    return distributed.on_main(_default_articles, "reading the default text")
+
+
+def _default_articles() -> list[dict[str, str]]:
     path = cache_dir() / "text" / f"gensim-4.4.0-enwiki-clean-v{CLEANING_VERSION}.json"
     try:
         with open(path, encoding="utf-8") as f:

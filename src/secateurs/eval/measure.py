@@ -34,29 +34,83 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark (`VmHWM`) at the current RSS (Linux >= 4.0); False where it
+    cannot, and then `peak_rss_mb` stays the process peak."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 @dataclass
 class Measured:
     seconds: float = 0.0
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # the block's own peak where the OS can say so, else the process peak
     cuda_peak_mb: float | None = None
+
+    def record(self) -> dict[str, float]:
+        out = {"seconds": round(self.seconds, 2), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+        if self.cuda_peak_mb is not None:
+            out["cuda_peak_mb"] = round(self.cuda_peak_mb, 1)
+        return out
+
+
+_OPEN: list[Measured] = []  # enclosing `measure` blocks: a nested one's reset must not lose their peaks
+
+
+def _carry_peaks() -> None:
+    """Before a reset: what the enclosing blocks have seen so far goes into their figures."""
+    rss = peak_rss_mb()
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    for m in _OPEN:
+        m.peak_rss_mb = max(m.peak_rss_mb, rss)
+        if cuda is not None:
+            m.cuda_peak_mb = max(m.cuda_peak_mb or 0.0, cuda)
 
 
 @contextmanager
 def measure() -> Iterator[Measured]:
-    """Wall time and peak memory of a block (RSS is the process peak; CUDA peak is reset at entry)."""
+    """Wall time and peak memory of a block: peak RSS on CPU (the kernel's high-water mark, restarted at
+    entry where Linux allows), `torch.cuda.max_memory_allocated` on CUDA (reset at entry). Blocks nest:
+    an inner block's reset is carried into the outer ones first."""
     m = Measured()
     cuda = torch.cuda.is_available()
+    _carry_peaks()
+    _reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    _OPEN.append(m)
     t0 = time.perf_counter()
     try:
         yield m
     finally:
+        _OPEN.remove(m)
         if cuda:
             torch.cuda.synchronize()
-            m.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            m.cuda_peak_mb = max(m.cuda_peak_mb or 0.0, torch.cuda.max_memory_allocated() / 2**20)
         m.seconds = time.perf_counter() - t0
-        m.peak_rss_mb = peak_rss_mb()
+        m.peak_rss_mb = max(m.peak_rss_mb, peak_rss_mb())
+        for outer in _OPEN:  # what this block saw is part of the enclosing blocks too
+            outer.peak_rss_mb = max(outer.peak_rss_mb, m.peak_rss_mb)
+            if m.cuda_peak_mb is not None:
+                outer.cuda_peak_mb = max(outer.cuda_peak_mb or 0.0, m.cuda_peak_mb)
+
+
+@contextmanager
+def phase(report: dict, name: str) -> Iterator[Measured]:
+    """`measure` a phase of a job into `report["phases"][name]`; with data-parallel workers, the peaks
+    of the busiest rank (each rank holds its own copy of the model)."""
+    from secateurs import distributed
+
+    with measure() as m:
+        yield m
+    m.peak_rss_mb = distributed.all_max(m.peak_rss_mb, "peak memory")
+    if m.cuda_peak_mb is not None:
+        m.cuda_peak_mb = distributed.all_max(m.cuda_peak_mb, "peak memory")
+    report.setdefault("phases", {})[name] = m.record()
 
 
 def linear_macs_per_token(model: nn.Module) -> int:

@@ -122,7 +122,14 @@ class Method(ABC):
 
     @abstractmethod
     def plan(self, model: nn.Module, space: UnitSpace, calib: torch.Tensor) -> Plan:
-        """Decide what to remove. `calib` is [N, T] token ids; `model` must come back unchanged."""
+        """Decide what to remove. `calib` is [N, T] token ids.
+
+        The method owns `model` while it runs: it may prune it in place (Bonsai slices it round after
+        round, so later rounds run on the smaller model), but holds no second full copy of it, and gives
+        it back as it came, on success and on an error, by reading its layers back from the model's own
+        safetensors (`surgery.restore.LayerSnapshot`; only a model with no matching checkpoint on disk
+        costs a copy of its decoder layers). The caller's repair then refits against the dense weights.
+        """
 
 
 class MetricMethod(Method):

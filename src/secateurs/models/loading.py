@@ -11,21 +11,32 @@ A source is one of:
 
 The config is always read first and checked against the adapter table, so an unsupported architecture
 fails before any weights are read.
+
+`device_map="auto"` (with `max_memory` in transformers' syntax and an `offload_folder`) uses
+accelerate's big-model loading: one copy of the model spread over the GPUs, CPU memory and disk
+(`models.placement` says how the rest of secateurs works with it). `device` then limits the devices:
+`cpu` keeps the GPUs out of the map, `cuda:N` (a data-parallel rank's GPU) puts the GPU entry of
+`max_memory` on GPU N.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from secateurs import distributed
 from secateurs.data.text import cache_dir
 from secateurs.errors import ConfigError, ModelSourceError, one_line
 from secateurs.io import atomic_dir
@@ -225,18 +236,105 @@ def _check_gguf_architecture(path: Path) -> None:
         )
 
 
-def load_model(source: str, device: str = "auto", dtype: str | None = None):
-    """Load `(model, tokenizer)` from a source (see the module docstring), in eval mode, on `device`.
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`"0=20GiB,cpu=60GiB"` -> `{0: "20GiB", "cpu": "60GiB"}` (transformers' `max_memory`)."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, size = part.partition("=")
+        key = key.strip().lower()
+        if not sep or not size.strip() or not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise ConfigError(
+                f"--max-memory {text!r}: give DEVICE=SIZE pairs such as 0=20GiB,cpu=60GiB (DEVICE: a GPU "
+                "index, cpu or mps)"
+            )
+        out[int(key) if key.isdigit() else key] = size.strip()
+    return out
+
+
+@dataclass
+class Placement:
+    """How a model is spread over devices (`--device-map`, `--max-memory`, `--offload-folder`)."""
+
+    device_map: str | None = None  # None: the whole model on one device; "auto": accelerate decides
+    max_memory: str | None = None
+    offload_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"--device-map must be auto, got {self.device_map!r}")
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise ConfigError("--max-memory and --offload-folder need --device-map auto")
+        parse_max_memory(self.max_memory)
+
+    def kwargs(self, dev: torch.device) -> dict[str, Any]:
+        """`from_pretrained`'s big-model arguments for a model meant for `dev`."""
+        if self.device_map is None:
+            return {}
+        memory = parse_max_memory(self.max_memory)
+        if dev.type == "cpu":  # no GPU in the map, whatever is visible
+            memory = {k: v for k, v in (memory or {"cpu": _ram()}).items() if not isinstance(k, int)}
+        elif dev.index is not None and memory is not None:  # a rank's own GPU: "0" means that one
+            gpus = [k for k in memory if isinstance(k, int)]
+            if len(gpus) > 1:
+                raise ConfigError(
+                    "with several workers each rank has one GPU: give one GPU entry in --max-memory"
+                )
+            memory = {(dev.index if isinstance(k, int) else k): v for k, v in memory.items()}
+        elif dev.index is not None:  # a rank's own GPU and the CPU, never the other ranks' GPUs
+            memory = {dev.index: f"{torch.cuda.mem_get_info(dev.index)[0] // 2**20}MiB", "cpu": _ram()}
+        folder = self.offload_folder
+        if folder is not None and distributed.world_size() > 1:  # each rank's copy offloads on its own
+            folder = str(Path(folder) / f"rank-{distributed.rank()}")
+        if folder is None:
+            folder = tempfile.mkdtemp(prefix="secateurs-offload-")
+            atexit.register(shutil.rmtree, folder, True)
+        out: dict[str, Any] = {"device_map": "auto", "offload_folder": folder}
+        if memory is not None:
+            out["max_memory"] = memory
+        return out
+
+
+def _ram() -> str:
+    import psutil
+
+    return f"{psutil.virtual_memory().available // 2**20}MiB"
+
+
+def _placed(model, kwargs: dict[str, Any]):
+    """Remember where offloaded layers may write (`models.placement.editable`)."""
+    if kwargs:
+        from secateurs.models.placement import OFFLOAD_ATTR
+
+        setattr(model, OFFLOAD_ATTR, kwargs["offload_folder"])
+        log.info("device map: %s", _summarise(getattr(model, "hf_device_map", {}) or {}))
+    return model
+
+
+def _summarise(device_map: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for v in device_map.values():
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    return ", ".join(f"{n} module(s) on {d}" for d, n in counts.items())
+
+
+def load_model(
+    source: str, device: str = "auto", dtype: str | None = None, placement: Placement | None = None
+):
+    """Load `(model, tokenizer)` from a source (see the module docstring), in eval mode, on `device`
+    (or spread as `placement` says).
 
     >>> model, tok = load_model("default", device="cpu")  # doctest: +SKIP
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    big = (placement or Placement()).kwargs(dev)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = None
-    if source == DEFAULT_SOURCE:
-        location: str | Path = default_model_dir()
+    if source == DEFAULT_SOURCE:  # converted once, by rank 0 when there are workers
+        location: str | Path = distributed.on_main(default_model_dir, "converting the default model")
     elif _is_local(source):
         path = Path(source).expanduser()
         if not path.exists():
@@ -259,8 +357,8 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None):
     if isinstance(location, Path) and gguf_file is None and _is_pruned_dir(location):
         from secateurs.surgery.saving import load_pruned
 
-        model, tokenizer = load_pruned(location, device=dev, dtype=torch_dtype)
-        return model.eval(), tokenizer
+        model, tokenizer = load_pruned(location, device=dev, dtype=torch_dtype, **big)
+        return _placed(model.eval(), big), tokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
@@ -272,7 +370,9 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None):
 
     t0 = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch_dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, config=config, dtype=torch_dtype, **extra, **big
+        )
     except Exception as exc:  # noqa: BLE001
         raise ModelSourceError(f"cannot load the weights of {source!r}: {one_line(exc)}") from exc
     try:
@@ -282,6 +382,8 @@ def load_model(source: str, device: str = "auto", dtype: str | None = None):
     if gguf_file:
         _clear_quantization_state(model)
     _set_architectures(model)
-    model.eval().to(dev)
+    model.eval()
+    if not big:
+        model.to(dev)
     log.info("loaded %s (%s, %s) in %.1f s", model_id(source), dev, torch_dtype, time.perf_counter() - t0)
-    return model, tokenizer
+    return _placed(model, big), tokenizer

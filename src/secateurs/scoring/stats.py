@@ -12,6 +12,11 @@ MLP: `h_in + attn` -> `h_out`).
 
 The maths (`Moments`, `one_minus_cos`) is plain tensor code; `input_moments` and `collect_stats` are the
 hook wiring around it.
+
+Data-parallel workers (`secateurs.distributed`) share a pass's batches: each rank runs every `world`-th
+batch, keeps each batch's partial statistics apart, and the partials of all ranks are gathered (exactly)
+and merged in batch order on every rank. That is the very sequence of merges one process makes, so the
+statistics, hence the scores and plans, are bit for bit those of one process.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from secateurs import distributed
+from secateurs.models.placement import input_device, onloaded
 from secateurs.progress import progress
 from secateurs.scoring.weights import group_reduce
 from secateurs.units.space import COARSE_KINDS, Kind, UnitSpace
@@ -49,20 +56,30 @@ class Moments:
 
     def update(self, x: torch.Tensor) -> Moments:
         x = x.detach().reshape(-1, x.shape[-1]).to(ACC_DTYPE)
-        n_b = x.shape[0]
-        if n_b == 0:
+        if x.shape[0] == 0:
             return self
         mean_b = x.mean(dim=0)
-        m2_b = (x - mean_b).square().sum(dim=0)
+        return self.merge(Moments(x.shape[0], mean_b, (x - mean_b).square().sum(dim=0)))
+
+    def merge(self, other: Moments) -> Moments:
+        """Add another set of rows' moments (Chan et al.), in place; returns self."""
+        n_b = other.count
+        if n_b == 0:
+            return self
         if self.count == 0:
-            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            self.count, self.mean, self.m2 = n_b, other.mean, other.m2
             return self
         n_a, n = self.count, self.count + n_b
-        delta = mean_b - self.mean
+        delta = other.mean.to(self.mean.device) - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / n)
+        self.m2 = self.m2 + other.m2.to(self.m2.device) + delta.square() * (n_a * n_b / n)
         self.count = n
         return self
+
+    def to(self, device: torch.device | str) -> Moments:
+        if self.count == 0:
+            return self
+        return Moments(self.count, self.mean.to(device), self.m2.to(device))
 
     @property
     def sum(self) -> torch.Tensor:
@@ -98,6 +115,10 @@ class RunningMean:
     def update(self, x: torch.Tensor) -> None:
         self.total += float(x.sum())
         self.count += x.numel()
+
+    def merge(self, other: RunningMean) -> None:
+        self.total += other.total
+        self.count += other.count
 
     @property
     def value(self) -> float:
@@ -209,41 +230,129 @@ def collect_stats(
     """One forward pass over the calibration windows `calib` ([N, T] token ids), in `batch_rows` rows.
 
     `activations` gathers the output-projection input moments; `influence` the block-influence cosines.
+    Each batch's statistics are kept apart, then merged in batch order (with workers: this rank's
+    batches, gathered with the others', see the module docstring).
     """
     space = space or UnitSpace.from_model(model)
     a = space.adapter
-    device = next(model.parameters()).device
+    device = input_device(model)
     attn_mods, mlp_mods = {}, {}
     if activations:
         for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
             if lu.geometry.has_attn:
-                attn_mods[i] = a.o_proj(layer)
+                attn_mods[("attn", i)] = a.o_proj(layer)
             if lu.geometry.has_mlp:
-                mlp_mods[i] = a.down_proj(layer)
+                mlp_mods[("mlp", i)] = a.down_proj(layer)
     n = calib.shape[0]
     step = max(1, batch_rows)
+    starts = range(0, n, step)
+    partials: dict[int, _Partial] = {}
     with (
         torch.inference_mode(),
-        input_moments(attn_mods) as attn_stats,
-        input_moments(mlp_mods) as mlp_stats,
+        input_moments(attn_mods | mlp_mods) as moments,
         _maybe(influence, lambda: block_influence_hooks(model, space)) as infl,
     ):
-        for s in progress(range(0, n, step), desc="calibration statistics", unit="batch", leave=False):
+        for j in progress(
+            distributed.my_share(len(starts)), desc="calibration statistics", unit="batch", leave=False
+        ):
+            _reset(moments, infl)
+            s = starts[j]
             model.get_decoder()(input_ids=calib[s : s + step].to(device), use_cache=False)
+            partials[j] = _Partial(dict(moments), infl and [dict(acc) for acc in infl])
+    layout = _Layout(attn_mods | mlp_mods, space, influence)
+    merged = layout.merge(partials, len(starts))
     result = ActivationStats(
-        attn=[attn_stats.get(i) for i in range(space.n_layers)],
-        mlp=[mlp_stats.get(i) for i in range(space.n_layers)],
+        attn=[merged.moments.get(("attn", i)) for i in range(space.n_layers)],
+        mlp=[merged.moments.get(("mlp", i)) for i in range(space.n_layers)],
         tokens=int(calib.numel()),
     )
-    if infl is not None:
+    if influence:
         result.influence = Influence(
             *(
-                torch.tensor([acc[k].value for acc in infl], dtype=ACC_DTYPE)
+                torch.tensor([acc[k].value for acc in merged.influence], dtype=ACC_DTYPE)
                 for k in (Kind.LAYER, Kind.ATTN_BLOCK, Kind.MLP_BLOCK)
             )
         )
     log.info("calibration statistics over %d windows x %d tokens", n, calib.shape[1])
     return result
+
+
+@dataclass
+class _Partial:
+    """One batch's statistics: moments per module key, running means per layer and kind."""
+
+    moments: dict[object, Moments]
+    influence: list[dict[str, RunningMean]] | None
+
+
+def _reset(moments: dict[object, Moments], infl: list[dict[str, RunningMean]] | None) -> None:
+    """Fresh accumulators before a batch (the hooks look them up by key at every call)."""
+    for key in moments:
+        moments[key] = Moments()
+    for acc in infl or ():
+        for k in acc:
+            acc[k] = RunningMean()
+
+
+class _Layout:
+    """Per-batch partials as rows of one float64 tensor, so that every rank's can be gathered at once:
+    per module `[count, mean, m2]`, per layer and kind `[total, count]`."""
+
+    def __init__(self, modules: dict[object, nn.Module], space: UnitSpace, influence: bool):
+        self.widths = {key: m.in_features for key, m in modules.items()}
+        self.n_layers = space.n_layers if influence else 0
+        self.size = sum(1 + 2 * d for d in self.widths.values()) + 2 * len(COARSE_KINDS) * self.n_layers
+
+    def pack(self, p: _Partial) -> torch.Tensor:
+        row = torch.zeros(self.size, dtype=ACC_DTYPE)
+        pos = 0
+        for key, d in self.widths.items():
+            m = p.moments[key]
+            if m.count:
+                row[pos], row[pos + 1 : pos + 1 + d], row[pos + 1 + d : pos + 1 + 2 * d] = (
+                    m.count,
+                    m.mean,
+                    m.m2,
+                )
+            pos += 1 + 2 * d
+        for acc in p.influence or ():
+            for k in COARSE_KINDS:
+                row[pos], row[pos + 1] = acc[k].total, acc[k].count
+                pos += 2
+        return row
+
+    def unpack(self, row: torch.Tensor) -> _Partial:
+        moments, pos = {}, 0
+        for key, d in self.widths.items():
+            count = int(row[pos])
+            moments[key] = Moments(count, row[pos + 1 : pos + 1 + d], row[pos + 1 + d : pos + 1 + 2 * d])
+            pos += 1 + 2 * d
+        influence = []
+        for _ in range(self.n_layers):
+            acc = {}
+            for k in COARSE_KINDS:
+                acc[k] = RunningMean(float(row[pos]), int(row[pos + 1]))
+                pos += 2
+            influence.append(acc)
+        return _Partial(moments, influence)
+
+    def merge(self, partials: dict[int, _Partial], n_batches: int) -> _Partial:
+        """Every batch's partials (gathered from all ranks), merged in batch order."""
+        rows = torch.zeros(n_batches, self.size, dtype=ACC_DTYPE)
+        for j, p in partials.items():
+            rows[j] = self.pack(p)
+        rows = distributed.gather_disjoint(rows, "calibration statistics")
+        out = _Partial({key: Moments() for key in self.widths}, [
+            {k: RunningMean() for k in COARSE_KINDS} for _ in range(self.n_layers)
+        ])  # fmt: skip
+        for j in range(n_batches):
+            p = self.unpack(rows[j])
+            for key, m in p.moments.items():
+                out.moments[key].merge(m)
+            for acc, batch in zip(out.influence, p.influence, strict=True):
+                for k in COARSE_KINDS:
+                    acc[k].merge(batch[k])
+        return out
 
 
 @contextmanager
@@ -253,6 +362,20 @@ def _maybe(flag: bool, factory):
         return
     with factory() as x:
         yield x
+
+
+def _column_scores(
+    module: nn.Module | None, moments: Moments | None, column_score, geometry=None
+) -> torch.Tensor:
+    """`column_score` of one output projection's input columns (a GQA group's mean when `geometry` is
+    given), on CPU; the weight read where it lives (loaded for a moment when offloaded)."""
+    if module is None:
+        return torch.zeros(0)
+    with onloaded(module):
+        w = module.weight
+        scores = column_score(w, moments.to(w.device))
+    scores = group_reduce(scores, geometry) if geometry is not None else scores
+    return scores.float().cpu()
 
 
 # -- assembling per-unit scores ----------------------------------------------------------------------
@@ -298,8 +421,6 @@ def output_column_scores(
             a.o_proj(layer) if lu.n_groups else None,
             a.down_proj(layer) if lu.n_channels else None,
         )
-        groups.append(
-            group_reduce(column_score(o.weight, stats.attn[i]), lu.geometry).float() if o else torch.zeros(0)
-        )
-        channels.append(column_score(down.weight, stats.mlp[i]).float() if down else torch.zeros(0))
+        groups.append(_column_scores(o, stats.attn[i], column_score, lu.geometry))
+        channels.append(_column_scores(down, stats.mlp[i], column_score))
     return groups, channels

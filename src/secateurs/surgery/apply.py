@@ -10,6 +10,7 @@ from torch import nn
 
 from secateurs.errors import PlanError, one_line
 from secateurs.models.adapters import FamilyAdapter, layer_geometry
+from secateurs.models.placement import editable, renumber_device_map_
 from secateurs.models.reshape import SCHEMA, SkipAttention, SkipMLP, own_head_counts_, renumber_attention
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import LayerUnits, UnitSpace
@@ -139,13 +140,15 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
 
     Kept groups/channels are sliced out of q/k/v/o and gate/up/down (biases included), dropped blocks
     become `SkipAttention` / `SkipMLP`, layers with both blocks dropped leave the `ModuleList`, bias
-    corrections become real biases, and the config is rewritten to match the tensors.
+    corrections become real biases, and the config is rewritten to match the tensors. An offloaded
+    layer (`--device-map`) is sliced on its execution device and goes back to its offload storage.
     """
     space, plan = start_surgery(model, plan)
     with torch.no_grad():
         for layer, lp, lu in zip(space.adapter.decoder_layers(model), plan.layers, space.layers, strict=True):
-            prune_attention_(layer, lp, lu, space.adapter)
-            prune_mlp_(layer, lp, lu, space.adapter)
+            with editable(model, layer):  # an offloaded layer's weights, for as long as it is sliced
+                prune_attention_(layer, lp, lu, space.adapter)
+                prune_mlp_(layer, lp, lu, space.adapter)
     return finish_surgery_(model, plan, space)
 
 
@@ -183,6 +186,7 @@ def finish_surgery_(model: nn.Module, plan: Plan, space: UnitSpace) -> nn.Module
         parent_name, _, child = a.layers.rpartition(".")
         model.get_submodule(parent_name).__setattr__(child, nn.ModuleList([decoder[i] for i in keep]))
         _slice_per_layer_config_(model.config, keep, len(plan.layers))
+        renumber_device_map_(model, a.layers, keep)
     renumber_attention(model, a.module_names())
     _write_config_(model, space, native_bias)
     after = UnitSpace.from_model(model)

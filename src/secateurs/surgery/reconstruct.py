@@ -29,7 +29,9 @@ pruned model's own stream. `mode="none"` is plain surgery. Whole removed blocks 
 that keeps everything is untouched.
 
 Memory: one layer's Gram matrices (1537^2 float64 for SmolLM2's MLP) and `H` ([N, T, hidden]) on the
-model's device, never a copy of the model. Cost: three passes of each layer over the calibration windows
+model's device, never a copy of the model. A model spread over devices with offloaded layers
+(`--device-map`) is repaired the same way, one layer resident on its execution device at a time
+(`models.placement.editable`), each layer going back to CPU memory or disk once repaired. Cost: three passes of each layer over the calibration windows
 (dense attention, repaired attention + dense MLP, the repaired layer), about three forwards, plus the
 solves.
 """
@@ -48,6 +50,7 @@ from torch import nn
 
 from secateurs.errors import ConfigError
 from secateurs.models.adapters import adapter_for
+from secateurs.models.placement import editable, input_device
 from secateurs.progress import progress
 from secateurs.surgery.apply import finish_surgery_, head_rows, prune_attention_, prune_mlp_, start_surgery
 from secateurs.units.plan import LayerPlan, Plan
@@ -345,7 +348,7 @@ def capture_inputs(
     types = list(getattr(model.config, "layer_types", None) or ["all"] * len(layers))
     first = {t: types.index(t) for t in dict.fromkeys(types)}
     last = max(first.values())
-    device = next(model.parameters()).device
+    device = input_device(model)
     hidden, kwargs = [], []
     for s in range(0, windows.shape[0], batch_rows):
         seen: dict[str, dict] = {}
@@ -461,11 +464,12 @@ def reconstruct_(
     # are ordinary tensors (inference tensors could not be used outside inference mode later).
     with torch.no_grad():
         for i in progress(range(space.n_layers), desc=f"reconstruct ({cfg.mode})", unit="layer"):
-            record = _repair_layer_(
-                decoder[i], plan.layers[i], space.layers[i], a, hidden, kwargs, i, held, cfg
-            )
-            with torch.inference_mode():
-                hidden = _run_layer(decoder[i], hidden, kwargs, i)
+            with editable(model, decoder[i]):  # offloaded: this layer alone on the accelerator
+                record = _repair_layer_(
+                    decoder[i], plan.layers[i], space.layers[i], a, hidden, kwargs, i, held, cfg
+                )
+                with torch.inference_mode():
+                    hidden = _run_layer(decoder[i], hidden, kwargs, i)
             layers_record.append({"layer": i, **record})
     finish_surgery_(model, plan, space)
     return {

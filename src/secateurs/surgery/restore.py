@@ -7,7 +7,8 @@ already: `LayerSnapshot` keeps the layers' structure on the meta device (no memo
 model's own safetensors hold exactly its current layer weights (checked tensor by tensor when the
 snapshot is taken), `restore_` rebuilds the layers and reads their weights back, one tensor at a time.
 Only a model without such a checkpoint (built or changed in memory) falls back to a copy of its decoder
-layers, and the log says so.
+layers, and the log says so. A model spread over devices (`--device-map`) gets each layer back where it
+was: on its device, or offloaded to CPU memory or disk (`models.placement`).
 """
 
 from __future__ import annotations
@@ -23,20 +24,32 @@ from torch import nn
 
 from secateurs.models.adapters import adapter_for
 from secateurs.models.loading import weight_files
+from secateurs.models.placement import onloaded, place_, placement_of
 
 log = logging.getLogger(__name__)
 
 
+_HOOK_ATTRS = ("_hf_hook", "_old_forward", "forward")  # what accelerate's hooks add to a module
+
+
 def _meta_copy(module: nn.Module, shared: object) -> nn.Module:
     """`module`'s structure with every parameter and buffer on the meta device (no memory); `shared`
-    (the config the layers point to) stays the same object."""
+    (the config the layers point to) stays the same object. Accelerate's hooks (and the weights they
+    keep offloaded) are left out: `restore_` puts each layer back where it was."""
     memo: dict[int, object] = {id(shared): shared}
     for t in itertools.chain(module.parameters(), module.buffers()):
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = (
             nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
         )
-    return copy.deepcopy(module, memo)
+    for m in module.modules():
+        if hasattr(m, "_hf_hook"):
+            memo[id(m._hf_hook)] = None
+    out = copy.deepcopy(module, memo)
+    for m in out.modules():
+        for attr in _HOOK_ATTRS:
+            m.__dict__.pop(attr, None)
+    return out
 
 
 class LayerSnapshot:
@@ -47,6 +60,7 @@ class LayerSnapshot:
         self._path = a.layers
         self._config_state = copy.deepcopy(vars(model.config))
         layers = a.decoder_layers(model)
+        self._placements = [placement_of(layer) for layer in layers]
         self._files = self._matching_files(model, layers)
         if self._files is None:
             log.info(
@@ -68,21 +82,22 @@ class LayerSnapshot:
         if files is None:
             return None
         try:
-            by_file = self._by_file(layers, files)
-            for file, tensors in by_file.items():
-                with safe_open(file, framework="pt") as f:
-                    for key, t in tensors:
-                        if not torch.equal(f.get_tensor(key).to(t.dtype), t.detach().cpu()):
-                            return None
+            for i, layer in enumerate(layers):
+                with onloaded(layer):  # offloaded weights are compared too, one layer at a time
+                    for file, tensors in self._by_file(layer, i, files).items():
+                        with safe_open(file, framework="pt") as f:
+                            for key, t in tensors:
+                                if not torch.equal(f.get_tensor(key).to(t.dtype), t.detach().cpu()):
+                                    return None
         except Exception:  # noqa: BLE001 - missing keys, unreadable or foreign files: not a source
             return None
         return files
 
-    def _by_file(self, layers: nn.ModuleList, files: dict[str, Path]) -> dict[Path, list]:
-        """The layers' tensors grouped by the file that holds them (KeyError if one is missing)."""
+    def _by_file(self, layer: nn.Module, index: int, files: dict[str, Path]) -> dict[Path, list]:
+        """Layer `index`'s tensors grouped by the file that holds them (KeyError if one is missing)."""
         by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
-        for name, t in itertools.chain(layers.named_parameters(), layers.named_buffers()):
-            key = f"{self._path}.{name}"
+        for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()):
+            key = f"{self._path}.{index}.{name}"
             by_file.setdefault(files[key], []).append((key, t))
         return by_file
 
@@ -91,13 +106,15 @@ class LayerSnapshot:
         if self._files is None:
             layers = self._layers
         else:
-            device = next(model.parameters()).device
-            layers = self._layers.to_empty(device=device)
+            layers = self._layers
             with torch.no_grad():
-                for file, tensors in self._by_file(layers, self._files).items():
-                    with safe_open(file, framework="pt") as f:
-                        for key, t in tensors:
-                            t.copy_(f.get_tensor(key))
+                for i, (layer, where) in enumerate(zip(layers, self._placements, strict=True)):
+                    layer.to_empty(device="cpu" if where.storage else where.device)
+                    for file, tensors in self._by_file(layer, i, self._files).items():
+                        with safe_open(file, framework="pt") as f:
+                            for key, t in tensors:
+                                t.copy_(f.get_tensor(key))
+                    place_(model, layer, where)  # back on its device, or offloaded as it was
         parent, _, child = self._path.rpartition(".")
         setattr(model.get_submodule(parent), child, layers)
         vars(model.config).clear()

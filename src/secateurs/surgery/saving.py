@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import platform
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +28,11 @@ MODELING_FILE = "modeling_secateurs.py"
 PLAN_FILE = "plan.json"
 REMOTE_TYPE_PREFIX = "secateurs_"  # heterogeneous outputs' model_type: secateurs_llama, secateurs_qwen2, ...
 REMOTE_CONFIG_CLASS = "SecateursConfig"
+# Weights are written in safetensors shards of at most this size, one shard at a time: a shard is what
+# the save holds beyond the model itself (the tensors of a GPU or offloaded model are copied to CPU
+# memory shard by shard; CPU tensors are written from their own memory). transformers' default (50 GB)
+# would copy a whole 8B model on a GPU into CPU memory at once.
+SHARD_SIZE = "2GB"
 
 
 def versions() -> dict[str, str]:
@@ -107,8 +113,13 @@ def save_pruned(
     record: dict[str, Any] | None = None,
     reserved: Path | None = None,
     rescue_dirs: tuple[str | Path, ...] = (),
+    max_shard_size: str | int = SHARD_SIZE,
 ) -> Path:
     """Write safetensors, config, tokenizer, plan.json (and the modelling file if shapes vary).
+
+    The weights stream out in shards of `max_shard_size` (see `SHARD_SIZE`); a model spread over
+    devices or offloaded (`--device-map`) is written the same way, its offloaded layers read back one
+    shard at a time.
 
     `record` is the plan.json content (see `plan_record`); built from `plan` alone when not given.
     `reserved`: the temporary directory `io.reserve_dir` created before the work. When writing fails
@@ -119,7 +130,7 @@ def save_pruned(
     if record is None and plan is not None:
         record = plan.to_dict() | {"versions": versions()}
     try:
-        _write(model, Path(out), tokenizer, overwrite, record, reserved)
+        _write(model, Path(out), tokenizer, overwrite, record, reserved, max_shard_size)
     except (OSError, SafetensorError) as e:
         where = _rescue_plan(record, Path(out), rescue_dirs) if record is not None else None
         hint = (
@@ -131,13 +142,17 @@ def save_pruned(
     return Path(out)
 
 
-def _write(model, out: Path, tokenizer, overwrite: bool, record: dict | None, reserved: Path | None) -> None:
+def _write(
+    model, out: Path, tokenizer, overwrite: bool, record: dict | None, reserved: Path | None, max_shard_size
+) -> None:
     adapter = adapter_for(model)
     heterogeneous = bool(getattr(model.config, "secateurs", None))
     with atomic_dir(out, overwrite, tmp=reserved) as tmp:
         if hasattr(model.config, "auto_map"):
             del model.config.auto_map  # written below, into config.json only, when the shapes need it
-        model.save_pretrained(tmp)
+        with warnings.catch_warnings():  # its advice on offloaded models names its default shard size
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded")
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if heterogeneous:
             atomic_write(tmp / MODELING_FILE, modeling_source(adapter))
         _config_identity_(tmp / "config.json", adapter, heterogeneous)
@@ -263,21 +278,28 @@ def load_skeleton(path: str | Path) -> nn.Module:
 
 
 def load_pruned(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    **big: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a directory written by `save_pruned` (or any stock directory of a supported family).
 
     Uses no remote code: the per-layer shapes are rebuilt by secateurs' own copy of the modelling code.
+    `big`: `from_pretrained`'s big-model arguments (`device_map`, `max_memory`, `offload_folder`); the
+    model then stays where they put it.
     """
     path = Path(path)
     cls, config = model_class_and_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        model = cls.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+        model = cls.from_pretrained(path, config=config, dtype=dtype or torch.float32, **big)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign weights, shapes that do not match
         raise ModelSourceError(f"cannot load the weights in {path}: {one_line(exc)}") from exc
-    model.to(device).eval()
+    model.eval()
+    if not big:
+        model.to(device)
     tokenizer = None
     if any(path.glob("tokenizer*")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)

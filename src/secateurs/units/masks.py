@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import PlanError
+from secateurs.models.placement import input_device, model_dtype, onloaded
 from secateurs.units.plan import Plan
 from secateurs.units.space import Kind, UnitSpace
 
@@ -133,10 +134,14 @@ def _rows(mask: torch.Tensor, batch: int) -> torch.Tensor:
     raise PlanError(f"masks have {mask.shape[0]} rows but the input batch has {batch}")
 
 
+# The hooks move their masks to the input's device: with a device map, accelerate moves a module's inputs
+# to its execution device only after these pre-hooks ran (`models.placement`). A no-op otherwise.
+
+
 def _scale_input_hook(unit_mask: torch.Tensor, width: int):
     def hook(_module, args):
         (x,) = args
-        m = _rows(unit_mask, x.shape[0]).repeat_interleave(width, dim=1)
+        m = _rows(unit_mask, x.shape[0]).to(x.device).repeat_interleave(width, dim=1)
         return (x * m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1]),)
 
     return hook
@@ -145,8 +150,9 @@ def _scale_input_hook(unit_mask: torch.Tensor, width: int):
 def _output_hook(block: torch.Tensor, bias: torch.Tensor | None):
     def hook(_module, _args, out):
         if bias is not None:
-            out = out + (bias if bias.dim() == 1 else _rows(bias, out.shape[0]).unsqueeze(1))
-        b = _rows(block, out.shape[0])
+            b = bias.to(out.device)
+            out = out + (b if b.dim() == 1 else _rows(b, out.shape[0]).unsqueeze(1))
+        b = _rows(block, out.shape[0]).to(out.device)
         return out * b.view(b.shape[0], *([1] * (out.dim() - 1)))
 
     return hook
@@ -158,13 +164,15 @@ def _full_width_norm_hook(unit_mask: torch.Tensor, width: int, eps_attr: str):
 
     def hook(module, args, out):
         (x,) = args
-        keep = (_rows(unit_mask, x.shape[0]) != 0).repeat_interleave(width, dim=1)
+        keep = (_rows(unit_mask, x.shape[0]) != 0).to(x.device).repeat_interleave(width, dim=1)
         if bool(keep.all()):
             return out
         keep = keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
         xf, k = x.float(), keep.float()
         var = (xf.pow(2) * k).sum(-1, keepdim=True) / k.sum(-1, keepdim=True).clamp(min=1)
-        new = (module.weight * (xf * torch.rsqrt(var + getattr(module, eps_attr)))).to(x.dtype)
+        with onloaded(module):  # an offloaded norm's weight is back on `meta` once its forward returned
+            weight = module.weight.to(x.device)
+        new = (weight * (xf * torch.rsqrt(var + getattr(module, eps_attr)))).to(x.dtype)
         return torch.where(keep.all(dim=-1, keepdim=True), out, new)
 
     return hook
@@ -183,8 +191,7 @@ def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> It
             logits = model(input_ids).logits   # input_ids has 2 rows
     """
     space = space or UnitSpace.from_model(model)
-    param = next(model.parameters())
-    masks = masks.to(param.device, param.dtype)
+    masks = masks.to(input_device(model), model_dtype(model))
     handles = []
     try:
         for i, (layer, lu) in enumerate(zip(space.adapter.decoder_layers(model), space.layers, strict=True)):

@@ -62,6 +62,7 @@ from torch import nn
 
 from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError
+from secateurs.eval.loss import masks_per_call
 from secateurs.methods.base import Method, MethodConfig, MetricMethod, UnitScores, get_method, register
 from secateurs.methods.bonsai.candidates import (
     POOL,
@@ -290,11 +291,6 @@ class _Run:
             self.counters[k] += info[k]
 
 
-def _lcm_chunk(n_windows: int, max_rows: int) -> int:
-    """Masks per evaluator call so that calls fill whole forwards (progress-bar granularity)."""
-    return max(1, math.lcm(n_windows, max_rows) // n_windows)
-
-
 # -- the method -------------------------------------------------------------------------------------
 
 
@@ -392,7 +388,7 @@ class Bonsai(Method):
         """Loss per mask row, and the forwards and tokens it took."""
         before = (evaluator.stats.forwards, evaluator.stats.tokens)
         losses = torch.empty(masks.batch)
-        step = _lcm_chunk(n_windows, self.config.batch_rows)
+        step = masks_per_call(n_windows, self.config.batch_rows)  # progress granularity only
         with progress(
             total=masks.batch, desc=f"bonsai round {round_index + 1}/{n_rounds}", unit="mask"
         ) as bar:
