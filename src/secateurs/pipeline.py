@@ -97,12 +97,15 @@ class DataConfig:
         limit = getattr(model.config, "max_position_embeddings", None)
         options = options or {"seq_len": "--seq-len", "eval_seq_len": "--eval-seq-len"}
         for field_name, option in options.items():
-            length = getattr(self, field_name)
-            if limit and length > limit and not self.allow_long_context:
-                raise ConfigError(
-                    f"{option} {length} is longer than the model's context ({limit} tokens); use a shorter "
-                    "window or --allow-long-context"
-                )
+            self.check_length(getattr(self, field_name), option, limit)
+
+    def check_length(self, length: int, option: str, limit: int | None) -> None:
+        """One window length against the model's context `limit` (see `check_context`)."""
+        if limit and length > limit and not self.allow_long_context:
+            raise ConfigError(
+                f"{option} {length} is longer than the model's context ({limit} tokens); use a shorter "
+                "window or --allow-long-context"
+            )
 
     def describe(self) -> str:
         """Calibration always reads a source's calibration part and evaluation its held-out part, also when
@@ -313,12 +316,9 @@ def repair_shape(data: DataConfig, repair: ReconstructConfig, context: int | Non
     (`REPAIR_WINDOWS` x `REPAIR_SEQ_LEN`, the length within the model's context) or the method's own
     windows where those are larger, so a repair never sees less than the search did."""
     seq_len = repair.reconstruct_seq_len
-    if seq_len and context and seq_len > context and not data.allow_long_context:
-        raise ConfigError(
-            f"--reconstruct-seq-len {seq_len} is longer than the model's context ({context} tokens); use a "
-            "shorter window or --allow-long-context"
-        )
-    if not seq_len:
+    if seq_len:
+        data.check_length(seq_len, "--reconstruct-seq-len", context)
+    else:
         seq_len = max(data.seq_len, min(REPAIR_SEQ_LEN, context or REPAIR_SEQ_LEN))
     return repair.reconstruct_nsamples or max(data.nsamples, REPAIR_WINDOWS), seq_len
 
