@@ -442,3 +442,36 @@ def test_same_seed_same_plan_and_config_checks():
         with pytest.raises(ConfigError):
             BonsaiConfig(**bad)
     assert BonsaiConfig(alphas="0.1,1").alphas == (0.1, 1.0)  # as the CLI passes them
+
+
+def test_round_repair_leaves_the_model_untouched_and_resumes_identically(tmp_path):
+    """With `round_repair`, later rounds run on a repaired model (so the plan differs from slicing
+    only); the caller's model still comes back bit for bit, and a resume replays the repaired rounds."""
+    model = tiny_model("llama", layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    space, calib = UnitSpace.from_model(model), _calib()
+    kw = dict(sparsity=0.35, prior="wanda-sp", masks_per_round=8, eval_windows=4, channel_bundle=2, seed=5)
+    sliced = Bonsai(BonsaiConfig(**kw)).plan(model, space, calib)
+    repaired = Bonsai(BonsaiConfig(**kw, round_repair="lstsq")).plan(model, space, calib)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert repaired.layers != sliced.layers
+    assert all(r["repair_s"] > 0 for r in repaired.info["rounds"])
+    assert all(r["repair_s"] == 0 for r in sliced.info["rounds"])
+
+    class KilledAfterFirstRound(Bonsai):
+        def on_round_end(self, round_index, plan):
+            if round_index == 0:
+                raise _Interrupted
+
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(_Interrupted):
+        KilledAfterFirstRound(BonsaiConfig(**kw, round_repair="lstsq", checkpoint_dir=ckpt)).plan(
+            model, space, calib
+        )
+    resumed = Bonsai(BonsaiConfig(**kw, round_repair="lstsq", checkpoint_dir=ckpt, resume=True)).plan(
+        model, space, calib
+    )
+    assert resumed.layers == repaired.layers
+    with pytest.raises(ConfigError, match="round_repair"):
+        BonsaiConfig(round_repair="full")

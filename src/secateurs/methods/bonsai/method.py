@@ -90,6 +90,8 @@ from secateurs.methods.bonsai.regression import (
 from secateurs.progress import progress
 from secateurs.scoring.select import select, target_params
 from secateurs.surgery.apply import apply_plan_
+from secateurs.surgery.reconstruct import MODES as REPAIR_MODES
+from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
 from secateurs.surgery.restore import LayerSnapshot
 from secateurs.units.masks import Masks
 from secateurs.units.plan import Plan
@@ -164,6 +166,14 @@ class BonsaiConfig(MethodConfig):
             "help": "MLP channels per regression feature (0: one GQA group's parameters; 1: per channel)"
         },
     )
+    round_repair: str = field(
+        default="none",
+        metadata={
+            "help": "repair the sliced model after every round with the reconstruction step "
+            "(none | bias | lstsq, on the method's calibration windows), so later rounds score sub-models "
+            "of a repaired model; the final plan is still relative to, and repaired from, the dense model"
+        },
+    )
     protect: bool = field(
         default=True,
         metadata={
@@ -212,6 +222,10 @@ class BonsaiConfig(MethodConfig):
             ),
             (self.channel_bundle >= 0, f"channel_bundle must be >= 0, got {self.channel_bundle}"),
             (not self.resume or bool(self.checkpoint_dir), "resume needs checkpoint_dir"),
+            (
+                self.round_repair in REPAIR_MODES,
+                f"round_repair must be one of {', '.join(REPAIR_MODES)}, got {self.round_repair!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -248,6 +262,9 @@ class _Run:
     )
     work: nn.Module | None = None
     cur: UnitSpace | None = None
+    repair: ReconstructConfig | None = None  # between rounds (`round_repair`); None: slice only
+    repair_calib: torch.Tensor | None = None
+    round_plans: list[dict[str, Any]] = field(default_factory=list)  # current indices, for a resume's replay
 
     @property
     def total(self) -> int:
@@ -266,6 +283,7 @@ class _Run:
             "counters": self.counters,
             "generator": self.generator.get_state(),
             "protected": {k: sorted(v) for k, v in self.protected.items()},
+            "round_plans": self.round_plans,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -273,6 +291,26 @@ class _Run:
         self.rounds, self.counters = list(state["rounds"]), dict(state["counters"])
         self.protected = {Kind(k): {tuple(x) for x in v} for k, v in state["protected"].items()}
         self.generator.set_state(state["generator"])
+        self.round_plans = list(state.get("round_plans", []))
+
+    def advance(self, plan: Plan) -> float:
+        """Slice the working model by one round's plan (current indices), repaired when `repair` is set,
+        so that the next round's sub-models and prior see the repaired model; returns the repair's
+        seconds."""
+        if self.repair is None:
+            apply_plan_(self.work, plan)
+            return 0.0
+        t0 = time.perf_counter()
+        reconstruct_(self.work, plan, self.repair_calib, self.repair)
+        return time.perf_counter() - t0
+
+    def replay(self) -> None:
+        """A resumed run's working model: the finished rounds again, each repaired as it was."""
+        if self.repair is None:
+            apply_plan_(self.work, self.composed)
+            return
+        for plan in self.round_plans:
+            self.advance(Plan.from_dict(plan))
 
     def record(self, result: RoundResult, lineage: list[Lineage]) -> None:
         """Take in a finished round: indices to the original model, slice the working copy, compose."""
@@ -283,7 +321,8 @@ class _Run:
         for k, li, idx in result.protect:
             orig_units = lineage[li].units(k)
             self.protected[k].update((lineage[li].layer, orig_units[u]) for u in idx)
-        apply_plan_(self.work, result.plan)
+        info["repair_s"] = round(self.advance(result.plan), 2)
+        self.round_plans.append(result.plan.to_dict())
         self.composed = self.composed.then(result.plan, self.orig)
         self.cur = UnitSpace.from_model(self.work)
         self.rounds.append(info)
@@ -535,8 +574,10 @@ class Bonsai(Method):
             run.restore(saved["state"])
             log.info("bonsai: resuming after round %d from %s", len(run.rounds), cfg.checkpoint_dir)
         run.work = model
+        if cfg.round_repair != "none":
+            run.repair, run.repair_calib = ReconstructConfig(reconstruct=cfg.round_repair), calib
         if run.rounds:
-            apply_plan_(run.work, run.composed)
+            run.replay()
         run.cur = UnitSpace.from_model(run.work)
         return run
 
