@@ -522,3 +522,42 @@ def test_metric_init_follows_the_metric_and_hits_the_budget(scope):
     for m, p in zip(metric, probs, strict=True):
         inner = (p > cfg.eps) & (p < 1 - cfg.eps)
         assert torch.equal(torch.argsort(m[inner]), torch.argsort(p[inner]))
+
+
+# -- mean compensation in the masked forward ----------------------------------------------------------
+def test_mean_compensation_equals_the_bias_repair_where_the_stream_is_unchanged():
+    """In layer 0 the attention's input is the embedding whatever is pruned, so the dense means are the
+    pruned stream's: masking a GQA group with compensation must give the logits of the model sliced and
+    repaired by `--reconstruct bias`. Without compensation it must not."""
+    from secateurs.methods.policy_gradient.compensation import MeanCompensation
+    from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
+
+    model = tiny_model("llama", layers=1)
+    space = UnitSpace.from_model(model)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    comp = MeanCompensation.from_model(model, space, calib)
+    plan = Plan([LayerPlan(keep_groups=[1])])
+    masks = Masks.from_plan(plan, space)
+    with torch.inference_mode(), masked(model, masks, space):
+        plain = model(calib).logits
+    with torch.inference_mode(), masked(model, comp.add_to_(Masks.from_plan(plan, space)), space):
+        compensated = model(calib).logits
+    repaired = copy.deepcopy(model)
+    reconstruct_(repaired, plan, calib, ReconstructConfig(reconstruct="bias"))
+    with torch.inference_mode():
+        want = repaired(calib).logits
+    torch.testing.assert_close(compensated, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compensated_search_runs_and_meets_the_budget():
+    model = tiny_model("llama", layers=3)
+    space = UnitSpace.from_model(model)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    kw = dict(sparsity=0.4, steps=6, samples=4, channel_bundle=4, seed=2)
+    plain = PolicyGradient(PolicyGradientConfig(**kw)).plan(model, space, calib)
+    comp = PolicyGradient(PolicyGradientConfig(**kw, compensate=True)).plan(model, space, calib)
+    target = target_params(space, 0.4)
+    for p in (plain, comp):
+        assert space.total_cost - p.kept_cost(space) >= target
+    assert comp.info["training"]["curve"]["loss"] != plain.info["training"]["curve"]["loss"]

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError, LossError
 from secateurs.methods.base import Method, MethodConfig, UnitScores, fine_units, get_method, register
+from secateurs.methods.policy_gradient.compensation import MeanCompensation
 from secateurs.methods.policy_gradient.estimator import (
     ESTIMATORS,
     CostLayout,
@@ -140,6 +141,13 @@ class PolicyGradientConfig(MethodConfig):
         default="layer",
         metadata={
             "help": "z-score init scores per layer and kind (layer) or per kind across layers (global)"
+        },
+    )
+    compensate: bool = field(
+        default=False,
+        metadata={
+            "help": "score each sampled sub-model with FLAP's mean compensation of its removed units "
+            "(a bias from one dense statistics pass), as the repair will compensate them"
         },
     )
     gate_init: float = field(default=0.95, metadata={"help": "initial keep probability of layer/block gates"})
@@ -512,6 +520,7 @@ class PolicyGradient(Method):
             vec.n, state.step, end, cfg.steps, cfg.samples, cfg.windows_per_step, windows.shape[1],
             cfg.samples * cfg.windows_per_step * windows.shape[1],
         )  # fmt: skip
+        comp = MeanCompensation.from_model(model, space, calib, cfg.batch_rows) if cfg.compensate else None
         gen = torch.Generator()
         gen.set_state(state.generator)
         saved = state.step  # the step the last good checkpoint holds
@@ -519,7 +528,8 @@ class PolicyGradient(Method):
             while state.step < end:
                 batch = windows[_step_rows(order, state.step, cfg.windows_per_step)]
                 samples = _sample_masks(state.s, cfg.samples, gen)
-                losses, evaluator = self._evaluate(model, space, vec, batch, samples, state.step, saved)
+                masks = vec.masks(samples) if comp is None else comp.add_to_(vec.masks(samples))
+                losses, evaluator = self._evaluate(model, space, batch, masks, state.step, saved)
                 state = self._step(state, samples, losses, vec, segments, gen)
                 _count_work(state, cfg.samples * batch.numel(), evaluator)
                 if self._checkpoint_due(state.step, end):
@@ -601,20 +611,20 @@ class PolicyGradient(Method):
         self,
         model: nn.Module,
         space: UnitSpace,
-        vec: UnitVector,
         batch: torch.Tensor,
-        samples: torch.Tensor,
+        masks: Masks,
         step: int,
         saved: int,
     ) -> tuple[torch.Tensor, Any]:
-        """Losses of the K sampled sub-models on `batch` (float64 [K]) and the evaluator that made them.
+        """Losses of the K sampled sub-models `masks` on `batch` (float64 [K]) and the evaluator that made
+        them.
 
         A non-finite loss, or an evaluator's `LossError`, stops the run: a NaN would poison every
         probability through the gradient. The error names the last good checkpoint, which is intact."""
         cfg: PolicyGradientConfig = self.config
         try:
             evaluator = self.evaluator(model, batch, space)
-            losses = torch.as_tensor(evaluator.losses(vec.masks(samples)), dtype=torch.float64)
+            losses = torch.as_tensor(evaluator.losses(masks), dtype=torch.float64)
             if not torch.isfinite(losses).all():
                 raise LossError(f"non-finite loss {losses.tolist()}")
         except LossError as e:
