@@ -28,6 +28,14 @@ what is left, so the run stops at the target, overshooting by less than one MLP 
    The held-out Kendall tau is logged per round, overall and split into attention and MLP parts, with the
    prior alone for comparison, and stored in `plan.info["rounds"]`.
 
+Repair between rounds (`round_repair`, default none): the final model is repaired after the search
+(`surgery.reconstruct`), so the structure worth finding is the one whose repaired model is best. With
+`round_repair=lstsq` (or `bias`) each round's slicing is the reconstruction step itself, on the method's
+calibration windows, so the next round's prior and sub-model losses are those of a repaired model; the
+composed plan is still relative to the dense model, which the pipeline repairs once more from its
+original weights. Cost: one repair per round on an ever smaller model (about 30-40 s each on SmolLM2 at
+32 x 128 tokens, 2 cores). A resumed run replays the finished rounds' plans, each repaired again.
+
 Budget (defaults, SmolLM2-135M at 50% from the CLI's 32 x 128-token calibration windows): 5 rounds x
 (40 sub-models + the current model) x 6 windows x 128 tokens = 157k tokens of sub-model evaluation, plus
 5 prior passes over 16 windows (10k tokens): 0.17M tokens, later rounds on an ever smaller model (about
