@@ -399,17 +399,18 @@ class _Interrupted(RuntimeError):
     pass
 
 
+class KilledAfterFirstRound(Bonsai):
+    def on_round_end(self, round_index, plan):
+        if round_index == 0:
+            raise _Interrupted
+
+
 def test_resume_after_interruption_gives_identical_plan(tmp_path):
     model = tiny_model("llama", layers=4)
     space = UnitSpace.from_model(model)
     calib = _calib()
     kw = dict(sparsity=0.35, prior="wanda-sp", masks_per_round=8, eval_windows=4, channel_bundle=2, seed=5)
     straight = Bonsai(BonsaiConfig(**kw)).plan(model, space, calib)
-
-    class KilledAfterFirstRound(Bonsai):
-        def on_round_end(self, round_index, plan):
-            if round_index == 0:
-                raise _Interrupted
 
     ckpt = str(tmp_path / "ckpt")
     with pytest.raises(_Interrupted):
@@ -458,11 +459,6 @@ def test_round_repair_leaves_the_model_untouched_and_resumes_identically(tmp_pat
     assert repaired.layers != sliced.layers
     assert all(r["repair_s"] > 0 for r in repaired.info["rounds"])
     assert all(r["repair_s"] == 0 for r in sliced.info["rounds"])
-
-    class KilledAfterFirstRound(Bonsai):
-        def on_round_end(self, round_index, plan):
-            if round_index == 0:
-                raise _Interrupted
 
     ckpt = str(tmp_path / "ckpt")
     with pytest.raises(_Interrupted):
