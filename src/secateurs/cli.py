@@ -549,7 +549,7 @@ def cmd_apply(args) -> int:
         space = UnitSpace.from_model(model)
         plan = plan.canonical(space)  # a plan for another model fails here, before anything is written
         dense_params = count_parameters(model)
-        repaired = run_repair(model, plan, tok, data, repair, args.batch_size)
+        repaired, plan = run_repair(model, plan, tok, data, repair, args.batch_size)
         record = plan_record(plan, dense_params, space.total_cost, model) | {"reconstruct": repaired}
         save_pruned(model, args.out, plan, tok, overwrite=args.overwrite, record=record, reserved=reserved)
     p = record["parameters"]

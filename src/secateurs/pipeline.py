@@ -353,8 +353,9 @@ def paying_for_repair(config: MethodConfig, space: UnitSpace, repair: Reconstruc
 
 def run_repair(
     model: nn.Module, plan: Plan, tokenizer, data: DataConfig, repair: ReconstructConfig, batch_size: int
-) -> dict[str, Any]:
-    """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time)."""
+) -> tuple[dict[str, Any], Plan]:
+    """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time) and
+    the plan applied (`--reconstruct-select obs` may keep other units than the method's)."""
     context = getattr(model.config, "max_position_embeddings", None)
     windows = repair_windows(tokenizer, data, repair, context) if repair.reconstruct != "none" else None
     with phase({}, "repair") as m:
@@ -363,6 +364,7 @@ def run_repair(
             record: dict[str, Any] = {"mode": "none"}
         else:
             record = reconstruct_(model, plan, windows, repair, batch_rows=batch_size)
+            plan = record.pop("plan")
     record |= {"settings": jsonable(repair.to_dict()), "time_s": round(m.seconds, 2), "phase": m.record()}
     if windows is not None:
         record["calib"] = {
@@ -372,7 +374,7 @@ def run_repair(
             "seq_len": windows.shape[1],
             "windows": tensor_digest(windows),
         }
-    return record
+    return record, plan
 
 
 @dataclass
@@ -448,11 +450,12 @@ def search(
 
 def finish(
     model, tokenizer, found: Search, data, repair: ReconstructConfig, batch_size: int
-) -> dict[str, Any]:
-    """Surgery with the repair on the dense `model`, the pruned evaluation, and the plan.json record."""
+) -> tuple[dict[str, Any], Plan]:
+    """Surgery with the repair on the dense `model`, the pruned evaluation; the plan.json record and the
+    plan applied."""
     report = dict(found.report)
     report["phases"] = dict(report.get("phases", {}))
-    report["reconstruct"] = run_repair(model, found.plan, tokenizer, data, repair, batch_size)
+    report["reconstruct"], plan = run_repair(model, found.plan, tokenizer, data, repair, batch_size)
     report["phases"]["repair"] = report["reconstruct"].pop("phase")
     removed = found.space.total_cost - UnitSpace.from_model(model).total_cost
     if removed < found.target:  # never silently: the repair's biases were budgeted before selection
@@ -466,11 +469,11 @@ def finish(
     if found.tasks is not None:
         with phase(report, "pruned_tasks"):
             report["pruned_tasks"] = run_tasks(model, tokenizer, found.tasks, batch_size, "pruned")
-    record = plan_record(found.plan, found.dense_params, found.space.total_cost, model)
+    record = plan_record(plan, found.dense_params, found.space.total_cost, model)
     record["reconstruct"] = report["reconstruct"]
     record["report"] = report
     record["sparsity_definition"] = SPARSITY_DEFINITION
-    return record
+    return record, plan
 
 
 def run_prune_modes(
@@ -496,7 +499,7 @@ def run_prune_modes(
     records = []
     for i, repair in enumerate(repairs):
         target = model if i == len(repairs) - 1 else copy.deepcopy(model)
-        records.append(finish(target, tokenizer, found, data, repair, batch_size))
+        records.append(finish(target, tokenizer, found, data, repair, batch_size)[0])
     return records
 
 
@@ -517,13 +520,13 @@ def _run_prune(
     found = search(
         model, tokenizer, method, config, data, model_name, repair, evaluate, batch_size, tasks, phases
     )
-    record = finish(model, tokenizer, found, data, repair, batch_size)
+    record, plan = finish(model, tokenizer, found, data, repair, batch_size)
     files: list[Path] = []
     if out is not None:
         with phase(record["report"], "save"):  # recorded in the result; plan.json has the phases before it
             distributed.on_main(
                 lambda: save_pruned(
-                    model, out, found.plan, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
+                    model, out, None, tokenizer, overwrite=overwrite, record=record, reserved=reserved,
                     rescue_dirs=(checkpoint,) if checkpoint else (),
                 ),
                 "saving the output",
@@ -531,4 +534,4 @@ def _run_prune(
         from secateurs.report import write_report
 
         files = distributed.on_main(lambda: write_report(out, record), "writing the report")
-    return PruneResult(found.plan, record, model, files)
+    return PruneResult(plan, record, model, files)

@@ -38,6 +38,7 @@ solves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ from secateurs.models.adapters import adapter_for
 from secateurs.models.placement import editable, input_device
 from secateurs.progress import progress
 from secateurs.surgery.apply import finish_surgery_, head_rows, prune_attention_, prune_mlp_, start_surgery
+from secateurs.surgery.reselect import keep_by_obs
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import Kind, UnitSpace
 
@@ -65,6 +67,9 @@ MODES = ("none", "bias", "lstsq")
 # also scored, as lambda = inf). Why: with 32 x 128 calibration tokens the refit helps at 50% but
 # lost to no refit at 20% for some methods (README), where the kept weights are already good.
 PRIORS = ("zero", "kept")
+# Which units of a layer the repair keeps. "plan": the method's. "obs": as many as the plan keeps, chosen
+# by the refit's own error (structured OBS on the Gram matrix, `surgery.reselect`).
+SELECTS = ("plan", "obs")
 # Ridge strengths tried, relative to the mean diagonal of the kept inputs' Gram matrix; the held-out
 # windows choose. 0 is plain least squares (fine when tokens >> kept columns). With the default 32 x 128
 # calibration tokens against up to 1,536 unknowns per row of SmolLM2's down projection, held-out error
@@ -119,10 +124,25 @@ class ReconstructConfig:
     reconstruct_holdout: float = field(
         default=HOLDOUT, metadata={"help": "share of windows that choose lambda"}
     )
+    reconstruct_select: str = field(
+        default="plan",
+        metadata={
+            "help": "which units each layer keeps: plan (the method's) | obs (the plan's counts, the "
+            "units the refit misses least)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.reconstruct not in MODES:
             raise ConfigError(f"reconstruct must be one of {', '.join(MODES)}, got {self.reconstruct!r}")
+        if self.reconstruct_select not in SELECTS:
+            raise ConfigError(
+                f"reconstruct select must be one of {', '.join(SELECTS)}, got {self.reconstruct_select!r}"
+            )
+        if self.reconstruct_select != "plan" and self.reconstruct == "none":
+            raise ConfigError(
+                "reconstruct select obs needs the repair's Gram matrices: not with reconstruct none"
+            )
         if self.reconstruct_toward not in PRIORS:
             raise ConfigError(
                 f"reconstruct toward must be one of {', '.join(PRIORS)}, got {self.reconstruct_toward!r}"
@@ -165,6 +185,10 @@ class ReconstructConfig:
     @property
     def holdout(self) -> float:
         return self.reconstruct_holdout
+
+    @property
+    def select(self) -> str:
+        return self.reconstruct_select
 
     @property
     def adds_biases(self) -> bool:
@@ -450,14 +474,14 @@ def reconstruct_(
         from secateurs.surgery.apply import apply_plan_
 
         apply_plan_(model, plan)
-        return {"mode": "none"}
+        return {"mode": "none", "plan": plan}
     plan = _without_biases(plan)  # the repair replaces a method's own corrections
     if calib.shape[0] < 2:
         raise ConfigError("reconstruction needs at least 2 calibration windows (some are held out)")
     batch_rows = min(batch_rows, calib.shape[0] // min(MIN_BATCHES, calib.shape[0]))  # batches to hold out
     n_batches = math.ceil(calib.shape[0] / batch_rows)
     held = set(range(n_batches - max(1, round(cfg.holdout * n_batches)), n_batches))
-    layers_record = []
+    layers_record, applied = [], []
     hidden, kwargs = capture_inputs(model, calib, batch_rows)
     decoder = a.decoder_layers(model)
     # Passes run under inference_mode; the surgery between them under no_grad, so the new parameters
@@ -465,15 +489,18 @@ def reconstruct_(
     with torch.no_grad():
         for i in progress(range(space.n_layers), desc=f"reconstruct ({cfg.mode})", unit="layer"):
             with editable(model, decoder[i]):  # offloaded: this layer alone on the accelerator
-                record = _repair_layer_(
+                record, lp = _repair_layer_(
                     decoder[i], plan.layers[i], space.layers[i], a, hidden, kwargs, i, held, cfg
                 )
                 with torch.inference_mode():
                     hidden = _run_layer(decoder[i], hidden, kwargs, i)
             layers_record.append({"layer": i, **record})
+            applied.append(lp)
+    plan = Plan(applied, plan.method, plan.settings, plan.seed, plan.info)
     finish_surgery_(model, plan, space)
     return {
         "mode": cfg.mode,
+        "plan": plan,  # the plan applied: the method's, or with the units `select` chose
         "intercept": cfg.intercept,
         "windows": int(calib.shape[0]),
         "seq_len": int(calib.shape[1]),
@@ -487,14 +514,21 @@ def _without_biases(plan: Plan) -> Plan:
     return Plan(layers, plan.method, plan.settings, plan.seed, plan.info)
 
 
-def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) -> dict[str, Any]:
-    """Attention first (its repaired output feeds the MLP's inputs), then the MLP."""
+def _repair_layer_(
+    layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg
+) -> tuple[dict[str, Any], LayerPlan]:
+    """Attention first (its repaired output feeds the MLP's inputs), then the MLP. Returns the record
+    and the layer's plan as applied (with the units `cfg.select` chose)."""
     record: dict[str, Any] = {}
     g = lu.geometry
     if lp.keep_groups is not None and not lp.drop_attn:
         o = a.o_proj(layer)
         fit, ho = _collect(layer, o, hidden, kwargs, i, held)
         full = augmented(o.weight, o.bias)
+        if cfg.select == "obs":
+            per_group = g.q_per_kv * g.head_dim
+            chosen = keep_by_obs((fit + ho).g, full[:, :-1], len(lp.keep_groups), per_group)
+            lp = dataclasses.replace(lp, keep_groups=chosen)
         keep = head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, o.weight.device)
         result = fit_module(fit, ho, full, keep, cfg)
         prune_attention_(layer, lp, lu, a)
@@ -509,6 +543,9 @@ def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) ->
         down = a.down_proj(layer)
         fit, ho = _collect(layer, down, hidden, kwargs, i, held)
         full = augmented(down.weight, down.bias)
+        if cfg.select == "obs":
+            chosen = keep_by_obs((fit + ho).g, full[:, :-1], len(lp.keep_channels))
+            lp = dataclasses.replace(lp, keep_channels=chosen)
         keep = torch.tensor(lp.keep_channels, device=down.weight.device)
         result = fit_module(fit, ho, full, keep, cfg)
         prune_mlp_(layer, lp, lu, a)
@@ -521,4 +558,4 @@ def _repair_layer_(layer, lp: LayerPlan, lu, a, hidden, kwargs, i, held, cfg) ->
         record["mlp"] = result.record()
     else:
         prune_mlp_(layer, lp, lu, a)
-    return record
+    return record, lp
