@@ -189,10 +189,11 @@ def test_lstsq_repairs_a_pruned_model_better_than_slicing(toward, seed):
 SMALL = small(nsamples=8)
 
 
-@pytest.mark.parametrize("mode", ["none", "bias", "lstsq"])
+@pytest.mark.parametrize("mode", ["none", "bias", "lstsq", "lstsq-obs"])
 def test_prune_repairs_and_apply_reproduces_it(tiny_dir, tmp_path, mode):
     """Every mode meets the target (the bias mode's biases are budgeted before selection), plan.json
-    records the repair, and `apply` of that plan.json rebuilds the very same model."""
+    records the repair (with the units `--reconstruct-select obs` chose), and `apply` of that plan.json
+    rebuilds the very same model."""
     import json
 
     from secateurs.cli import main
@@ -200,16 +201,24 @@ def test_prune_repairs_and_apply_reproduces_it(tiny_dir, tmp_path, mode):
     model, text = tiny_dir
     out = tmp_path / "out"
     data = ["--calib", str(text), "--eval", str(text), *SMALL]
+    mode, _, select = mode.partition("-")
     args = ["prune", str(model), "--method", "wanda-sp", "--sparsity", "0.4", "--reconstruct", mode]
+    args += ["--reconstruct-select", select] if select else []
     assert main([*args, "--out", str(out), *data]) == 0
     record = json.loads((out / "plan.json").read_text())
     p = record["parameters"]
     assert p["dense_prunable"] - p["pruned_prunable"] >= 0.4 * p["dense_prunable"]
     assert record["reconstruct"]["mode"] == mode and record["reconstruct"]["settings"]["reconstruct"] == mode
+    assert record["reconstruct"]["settings"]["reconstruct_select"] == (select or "plan")
     if mode != "none":
         assert record["reconstruct"]["calib"]["windows"] and len(record["reconstruct"]["layers"]) == 4
     again = tmp_path / "again"
-    assert main(["apply", str(model), "--plan", str(out / "plan.json"), "--out", str(again)]) == 0
+    # with obs, plan.json holds the units it chose: applying them as they are rebuilds the same model
+    keep_as_planned = ["--reconstruct-select", "plan"] if select else []
+    assert (
+        main(["apply", str(model), "--plan", str(out / "plan.json"), "--out", str(again), *keep_as_planned])
+        == 0
+    )
     a, _ = secateurs.load(out)
     b, _ = secateurs.load(again)
     ids = _calib(2, 12, seed=3)
