@@ -289,3 +289,7 @@ def test_apply_of_an_old_plan_keeps_the_windows_it_was_repaired_with():
     new = {"reconstruct": {"settings": {"reconstruct": "lstsq"}, "calib": {"nsamples": 128, "seq_len": 256}}}
     got = _recorded_repair(new)
     assert got["reconstruct_nsamples"] == 128 and got["reconstruct_seq_len"] == 256
+    # written before the repair could reselect: the plan's own units; a recorded choice stays
+    assert got["reconstruct_select"] == "plan"
+    new["reconstruct"]["settings"]["reconstruct_select"] = "obs"
+    assert _recorded_repair(new)["reconstruct_select"] == "obs"

@@ -571,6 +571,8 @@ def _recorded_repair(recorded: dict) -> dict[str, Any]:
         settings["reconstruct_toward"] = (
             "zero"  # recorded before the ridge could pull toward the kept weights
         )
+    # recorded before the repair could choose the units itself: the plan's units, as they were
+    settings.setdefault("reconstruct_select", "plan")
     used = repair.get("calib") or {}
     # Recorded before the shape was: 0 then meant the method's own windows (`report.data`).
     data = (recorded.get("report") or {}).get("data") or {}

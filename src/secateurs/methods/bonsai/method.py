@@ -583,7 +583,9 @@ class Bonsai(Method):
             log.info("bonsai: resuming after round %d from %s", len(run.rounds), cfg.checkpoint_dir)
         run.work = model
         if cfg.round_repair != "none":
-            run.repair, run.repair_calib = ReconstructConfig(reconstruct=cfg.round_repair), calib
+            # the round's own units (select plan): the run tracks which indices each round removed
+            repair = ReconstructConfig(reconstruct=cfg.round_repair, reconstruct_select="plan")
+            run.repair, run.repair_calib = repair, calib
         if run.rounds:
             run.replay()
         run.cur = UnitSpace.from_model(run.work)
