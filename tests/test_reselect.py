@@ -109,8 +109,15 @@ def test_reselected_model_is_the_plan_it_reports(family, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-4, rtol=0)
 
 
-def test_obs_needs_a_repair():
-    with pytest.raises(ConfigError, match="not with reconstruct none"):
-        ReconstructConfig(reconstruct="none", reconstruct_select="obs")
+def test_obs_is_the_lstsq_refit_s_choice_only():
+    """OBS's error is the least-squares refit's: FLAP's mean compensation and plain surgery keep the
+    plan's units (so a method's own `bias` repair is what it published)."""
+    model = tiny_model("llama")
+    space = UnitSpace.from_model(model)
+    plan = random_plan(space, seed=0, corrections=False).canonical(space)
+    for mode in ("none", "bias"):
+        cfg = ReconstructConfig(reconstruct=mode, reconstruct_select="obs")
+        assert cfg.select == "plan"
+        assert reconstruct_(copy.deepcopy(model), plan, _calib(), cfg)["plan"].layers == plan.layers
     with pytest.raises(ConfigError, match="select must be one of"):
         ReconstructConfig(reconstruct_select="best")

@@ -128,7 +128,7 @@ class ReconstructConfig:
         default="plan",
         metadata={
             "help": "which units each layer keeps: plan (the method's) | obs (the plan's counts, the "
-            "units the refit misses least)"
+            "units the lstsq refit misses least; with bias or none, the plan's)"
         },
     )
 
@@ -138,10 +138,6 @@ class ReconstructConfig:
         if self.reconstruct_select not in SELECTS:
             raise ConfigError(
                 f"reconstruct select must be one of {', '.join(SELECTS)}, got {self.reconstruct_select!r}"
-            )
-        if self.reconstruct_select != "plan" and self.reconstruct == "none":
-            raise ConfigError(
-                "reconstruct select obs needs the repair's Gram matrices: not with reconstruct none"
             )
         if self.reconstruct_toward not in PRIORS:
             raise ConfigError(
@@ -188,7 +184,9 @@ class ReconstructConfig:
 
     @property
     def select(self) -> str:
-        return self.reconstruct_select
+        """The selection in effect: OBS's error is the least-squares refit's, so `bias` (FLAP's own
+        repair, on FLAP's own units) and `none` keep the plan's units."""
+        return self.reconstruct_select if self.mode == "lstsq" else "plan"
 
     @property
     def adds_biases(self) -> bool:
