@@ -203,7 +203,7 @@ def test_prune_repairs_and_apply_reproduces_it(tiny_dir, tmp_path, mode):
     data = ["--calib", str(text), "--eval", str(text), *SMALL]
     mode, _, select = mode.partition("-")
     args = ["prune", str(model), "--method", "wanda-sp", "--sparsity", "0.4", "--reconstruct", mode]
-    args += ["--reconstruct-select", select] if select else []
+    args += ["--reconstruct-select", select] if select else ["--reconstruct-select", "plan"]
     assert main([*args, "--out", str(out), *data]) == 0
     record = json.loads((out / "plan.json").read_text())
     p = record["parameters"]
