@@ -69,9 +69,9 @@ MODES = ("none", "bias", "lstsq")
 PRIORS = ("zero", "kept")
 # Which units of a layer the repair keeps. "plan": the method's. "obs": as many as the plan keeps, chosen
 # by the refit's own error (structured OBS on the Gram matrix, `surgery.reselect`). Measured (README,
-# held-out perplexity, plan -> obs): wanda-sp 20% seeds 0/1/2 41.14 -> 39.62, 40.87 -> 39.18, 39.95 -> see
-# README; flap 20% seed 0 45.06 -> 40.77; policy gradient 50% seed 0 154.66 -> 107.96. Cost: the repair
-# takes about 1.2-1.3x as long.
+# held-out perplexity, plan -> obs): wanda-sp 20% seeds 0/1/2 41.14 -> 39.62, 40.87 -> 39.18, 39.95 ->
+# 39.81; flap 20% seed 0 45.06 -> 40.77; policy gradient 50% seed 0 154.66 -> 107.96. Cost: the repair
+# takes about 1.2-1.9x as long.
 SELECTS = ("plan", "obs")
 # Ridge strengths tried, relative to the mean diagonal of the kept inputs' Gram matrix; the held-out
 # windows choose. 0 is plain least squares (fine when tokens >> kept columns). With the default 32 x 128
