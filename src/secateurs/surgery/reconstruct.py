@@ -526,11 +526,11 @@ def _repair_layer_(
         o = a.o_proj(layer)
         fit, ho = _collect(layer, o, hidden, kwargs, i, held)
         full = augmented(o.weight, o.bias)
+        per_group = g.q_per_kv * g.head_dim
         if cfg.select == "obs":
-            per_group = g.q_per_kv * g.head_dim
             chosen = keep_by_obs((fit + ho).g, full[:, :-1], len(lp.keep_groups), per_group)
             lp = dataclasses.replace(lp, keep_groups=chosen)
-        keep = head_rows(lp.keep_groups, g.q_per_kv * g.head_dim, o.weight.device)
+        keep = head_rows(lp.keep_groups, per_group, o.weight.device)
         result = fit_module(fit, ho, full, keep, cfg)
         prune_attention_(layer, lp, lu, a)
         attn = a.attention(layer)

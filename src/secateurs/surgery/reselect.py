@@ -19,6 +19,7 @@ import math
 import torch
 
 from secateurs.errors import PlanError
+from secateurs.surgery.apply import head_rows
 
 # Ridge added to H before inverting, x its mean diagonal: SparseGPT's and ZipLM's 1% "dampening",
 # which keeps near-singular Gram matrices (dead channels, few tokens) from ranking by noise.
@@ -51,15 +52,10 @@ def keep_by_obs(gram: torch.Tensor, weight: torch.Tensor, n_keep: int, block: in
         costs = _costs(w, hinv, alive, block)
         take = min(per_step, len(alive) - n_keep)
         chosen = [alive[j] for j in torch.argsort(costs)[:take].tolist()]
-        _remove_(w, hinv, _columns(chosen, block, w.device))
+        _remove_(w, hinv, head_rows(chosen, block, w.device))
         gone = set(chosen)
         alive = [b for b in alive if b not in gone]
     return alive
-
-
-def _columns(blocks: list[int], block: int, device) -> torch.Tensor:
-    b = torch.tensor(blocks, device=device)
-    return (b[:, None] * block + torch.arange(block, device=device)).flatten()
 
 
 def _costs(w: torch.Tensor, hinv: torch.Tensor, alive: list[int], block: int) -> torch.Tensor:
