@@ -471,3 +471,28 @@ def test_round_repair_leaves_the_model_untouched_and_resumes_identically(tmp_pat
     assert resumed.layers == repaired.layers
     with pytest.raises(ConfigError, match="round_repair"):
         BonsaiConfig(round_repair="full")
+    with pytest.raises(ConfigError, match="round_select"):
+        BonsaiConfig(round_select="best")
+
+
+def test_round_repair_with_obs_records_the_units_the_repair_kept():
+    """One round, lstsq round repair: with `round_select=obs` the plan is the units the repair chose
+    for the round's counts (what the working model now holds), not the regression's own units."""
+    from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
+
+    model = tiny_model("llama", layers=3)
+    space, calib = UnitSpace.from_model(model), _calib()
+    kw = dict(
+        sparsity=0.2, prune_frac=0.2, prior="wanda-sp", masks_per_round=8, eval_windows=4, channel_bundle=2,
+        seed=3, round_repair="lstsq",
+    )  # fmt: skip
+    own = Bonsai(BonsaiConfig(**kw, round_select="plan")).plan(model, space, calib)
+    chosen = Bonsai(BonsaiConfig(**kw, round_select="obs")).plan(model, space, calib)
+    assert own.info["n_rounds"] == chosen.info["n_rounds"] == 1
+    expected = reconstruct_(copy.deepcopy(model), own, calib, ReconstructConfig(reconstruct_select="obs"))[
+        "plan"
+    ]
+    assert [lp.keep_channels for lp in chosen.layers] == [lp.keep_channels for lp in expected.layers]
+    assert [lp.keep_groups for lp in chosen.layers] == [lp.keep_groups for lp in expected.layers]
+    assert chosen.layers != own.layers  # obs chose other units, so the check above can tell them apart
+    assert chosen.removed_params(space) == own.removed_params(space)

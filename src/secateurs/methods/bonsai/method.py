@@ -35,6 +35,10 @@ calibration windows, so the next round's prior and sub-model losses are those of
 composed plan is still relative to the dense model, which the pipeline repairs once more from its
 original weights. Cost: one repair per round on an ever smaller model (about 30-40 s each on SmolLM2 at
 32 x 128 tokens, 2 cores). A resumed run replays the finished rounds' plans, each repaired again.
+With lstsq the round's repair chooses which units to keep for the round's counts (`round_select`, obs
+by default, like the final repair): the final repair re-chooses every layer's units from the dense
+model anyway, so what the rounds decide that survives is the counts, and those should be judged on the
+model obs would make of them. The composed plan records the units each round's repair kept.
 
 Budget (defaults, SmolLM2-135M at 50% from the CLI's 32 x 128-token calibration windows): 5 rounds x
 (40 sub-models + the current model) x 6 windows x 128 tokens = 157k tokens of sub-model evaluation, plus
@@ -58,6 +62,7 @@ checkpoint on disk (built or changed in memory) costs a copy of its decoder laye
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -99,7 +104,7 @@ from secateurs.progress import progress
 from secateurs.scoring.select import select, target_params
 from secateurs.surgery.apply import apply_plan_
 from secateurs.surgery.reconstruct import MODES as REPAIR_MODES
-from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
+from secateurs.surgery.reconstruct import SELECTS, ReconstructConfig, reconstruct_
 from secateurs.surgery.restore import LayerSnapshot
 from secateurs.units.masks import Masks
 from secateurs.units.plan import Plan
@@ -182,6 +187,13 @@ class BonsaiConfig(MethodConfig):
             "of a repaired model; the final plan is still relative to, and repaired from, the dense model"
         },
     )
+    round_select: str = field(
+        default="obs",
+        metadata={
+            "help": "which units a round's lstsq repair keeps (plan | obs, as --reconstruct-select): obs, the "
+            "final repair's default, so the rounds see the model that repair will make of their counts"
+        },
+    )
     protect: bool = field(
         default=True,
         metadata={
@@ -233,6 +245,10 @@ class BonsaiConfig(MethodConfig):
             (
                 self.round_repair in REPAIR_MODES,
                 f"round_repair must be one of {', '.join(REPAIR_MODES)}, got {self.round_repair!r}",
+            ),
+            (
+                self.round_select in SELECTS,
+                f"round_select must be one of {', '.join(SELECTS)}, got {self.round_select!r}",
             ),
         ]
         for ok, msg in checks:
@@ -301,24 +317,27 @@ class _Run:
         self.generator.set_state(state["generator"])
         self.round_plans = list(state.get("round_plans", []))
 
-    def advance(self, plan: Plan) -> float:
+    def advance(self, plan: Plan, repair: ReconstructConfig | None = None) -> tuple[Plan, float]:
         """Slice the working model by one round's plan (current indices), repaired when `repair` is set,
-        so that the next round's sub-models and prior see the repaired model; returns the repair's
-        seconds."""
-        if self.repair is None:
+        so that the next round's sub-models and prior see the repaired model. Returns the plan applied
+        (with `obs`, the repair's own choice of units for the round's counts) and the repair's seconds."""
+        repair = repair or self.repair
+        if repair is None:
             apply_plan_(self.work, plan)
-            return 0.0
+            return plan, 0.0
         t0 = time.perf_counter()
-        reconstruct_(self.work, plan, self.repair_calib, self.repair)
-        return time.perf_counter() - t0
+        record = reconstruct_(self.work, plan, self.repair_calib, repair)
+        return record["plan"], time.perf_counter() - t0
 
     def replay(self) -> None:
-        """A resumed run's working model: the finished rounds again, each repaired as it was."""
+        """A resumed run's working model: the finished rounds again, each repaired as it was (the
+        applied plans are stored, so the replay keeps their units: select `plan`)."""
         if self.repair is None:
             apply_plan_(self.work, self.composed)
             return
+        as_applied = dataclasses.replace(self.repair, reconstruct_select="plan")
         for plan in self.round_plans:
-            self.advance(Plan.from_dict(plan))
+            self.advance(Plan.from_dict(plan), as_applied)
 
     def record(self, result: RoundResult, lineage: list[Lineage]) -> None:
         """Take in a finished round: indices to the original model, slice the working copy, compose."""
@@ -329,9 +348,10 @@ class _Run:
         for k, li, idx in result.protect:
             orig_units = lineage[li].units(k)
             self.protected[k].update((lineage[li].layer, orig_units[u]) for u in idx)
-        info["repair_s"] = round(self.advance(result.plan), 2)
-        self.round_plans.append(result.plan.to_dict())
-        self.composed = self.composed.then(result.plan, self.orig)
+        applied, repair_s = self.advance(result.plan)
+        info["repair_s"] = round(repair_s, 2)
+        self.round_plans.append(applied.to_dict())
+        self.composed = self.composed.then(applied, self.orig)
         self.cur = UnitSpace.from_model(self.work)
         self.rounds.append(info)
         for k in _COUNTERS:
@@ -583,8 +603,8 @@ class Bonsai(Method):
             log.info("bonsai: resuming after round %d from %s", len(run.rounds), cfg.checkpoint_dir)
         run.work = model
         if cfg.round_repair != "none":
-            # the round's own units (select plan): the run tracks which indices each round removed
-            repair = ReconstructConfig(reconstruct=cfg.round_repair, reconstruct_select="plan")
+            # with obs the repair picks the units for the round's counts; `record` composes what it applied
+            repair = ReconstructConfig(reconstruct=cfg.round_repair, reconstruct_select=cfg.round_select)
             run.repair, run.repair_calib = repair, calib
         if run.rounds:
             run.replay()
