@@ -82,6 +82,26 @@ def test_comma_lists_are_swept_and_tuples_are_not(tiny_dir, tmp_path, fake_runs)
     assert fake_runs == []
 
 
+def test_seeds_are_summarised_as_mean_and_spread(tiny_dir, tmp_path, monkeypatch):
+    model, text = tiny_dir
+    ppl = {("magnitude", 0): 20.0, ("magnitude", 1): 24.0, ("magnitude", 2): 22.0, ("random", 0): 40.0}
+    ppl |= {("random", 1): 50.0, ("random", 2): 42.0}
+
+    def run_one(cfg, method, sparsity, settings):
+        record = _record(sparsity)
+        record["report"]["pruned_eval"]["ppl"] = ppl[method, settings["seed"]]
+        return record
+
+    monkeypatch.setattr(compare, "run_one", run_one)
+    res = tmp_path / "res"
+    assert _compare(model, text, res, "--methods", "magnitude,random", "--seed", "0,1,2") == 0
+    md = (res / "compare.md").read_text()
+    assert "| magnitude | 30% | - | 3 | 22.00 | 20.00-24.00 | 2.00 | 1.000 |" in md
+    assert "| random | 30% | - | 3 | 44.00 | 40.00-50.00 | 5.29 | 2.000 |" in md
+    # one seed per setting: nothing to summarise
+    assert compare.seed_summary(json.loads((res / "compare.json").read_text())[:1]) == ""
+
+
 def test_every_option_is_forwarded_and_in_the_cache_key(tiny_dir, tmp_path, fake_runs):
     model, text = tiny_dir
     res = tmp_path / "res"

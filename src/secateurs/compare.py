@@ -23,7 +23,9 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
+import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -339,6 +341,45 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         shared = {k: v for k, v in r["settings"].items() if all(q["settings"].get(k) == v for q in rows)}
         if shared:
             lines.append(f"\nsettings of every run: {_show(shared)}")
+    summary = seed_summary(rows)
+    if summary:
+        lines += ["", "Over seeds (a default changes on at least 3, not on one):", "", summary]
+    return "\n".join(lines)
+
+
+def _seed_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float, str], list[float]]:
+    """Held-out perplexities of the runs that differ only in their seed, keyed by (method, target, the
+    other swept settings)."""
+    groups: dict[tuple[str, float, str], list[float]] = {}
+    for r in rows:
+        if r["ppl"] is None:
+            continue
+        others = _show({k: v for k, v in r["swept"].items() if k != "seed"})
+        groups.setdefault((r["method"], r["target"], others), []).append(r["ppl"])
+    return groups
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> str:
+    """Mean and spread of the held-out perplexity over seeds, per method, target and setting, with each
+    mean's ratio to the lowest mean at its target: single-seed differences inside the spread decide
+    nothing. Empty when no run was repeated over seeds."""
+    groups = _seed_groups(rows)
+    if not any(len(ppls) > 1 for ppls in groups.values()):
+        return ""
+    best: dict[float, float] = {}
+    for (_, target, _), ppls in groups.items():
+        best[target] = min(best.get(target, math.inf), statistics.fmean(ppls))
+    lines = [
+        "| method | target | settings | seeds | mean ppl | min-max | std | x best mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, target, others), ppls in groups.items():
+        mean = statistics.fmean(ppls)
+        std = statistics.stdev(ppls) if len(ppls) > 1 else 0.0
+        lines.append(
+            f"| {method} | {target:.0%} | {others or '-'} | {len(ppls)} | {mean:.2f} | "
+            f"{min(ppls):.2f}-{max(ppls):.2f} | {std:.2f} | {mean / best[target]:.3f} |"
+        )
     return "\n".join(lines)
 
 

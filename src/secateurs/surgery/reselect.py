@@ -15,6 +15,7 @@ the method's; only the identities change.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -34,20 +35,41 @@ def keep_by_obs(gram: torch.Tensor, weight: torch.Tensor, n_keep: int, block: in
     """The `n_keep` blocks of `block` consecutive input columns of `weight` [out, d] to keep, chosen by
     greedy structured OBS on `gram` [d(+1), d(+1)] (a trailing ones column, as the repair's, is ignored:
     the bias is not refit). Returns sorted block indices."""
+    n_blocks = _n_blocks(weight, block)
+    if not 0 <= n_keep <= n_blocks:
+        raise PlanError(f"cannot keep {n_keep} of {n_blocks} blocks")
+    if n_keep in (0, n_blocks):
+        return list(range(n_keep))
+    gone = {b for chosen in _greedy(gram, weight, block, n_keep) for b in chosen}
+    return [b for b in range(n_blocks) if b not in gone]
+
+
+def obs_order(gram: torch.Tensor, weight: torch.Tensor, block: int = 1) -> list[int]:
+    """Every block of `weight`, in the order greedy structured OBS removes them (cheapest first), so that
+    the last `c` are the blocks it keeps at count `c`: nested sets for every count at the price of one
+    greedy (steps of `ceil(n / STEPS)` blocks, so a prefix is close to, not always equal to,
+    `keep_by_obs` at that count)."""
+    n_blocks = _n_blocks(weight, block)
+    order = [b for chosen in _greedy(gram, weight, block, 1) for b in chosen]
+    return order + [b for b in range(n_blocks) if b not in set(order)]
+
+
+def _n_blocks(weight: torch.Tensor, block: int) -> int:
     d = weight.shape[1]
     if d % block:
         raise PlanError(f"{d} input columns do not split into blocks of {block}")
-    n_blocks = d // block
-    if not 0 <= n_keep <= n_blocks:
-        raise PlanError(f"cannot keep {n_keep} of {n_blocks} blocks")
-    alive = list(range(n_blocks))
-    if n_keep in (0, n_blocks):
-        return alive[:n_keep]
+    return d // block
+
+
+def _greedy(gram: torch.Tensor, weight: torch.Tensor, block: int, n_keep: int) -> Iterator[list[int]]:
+    """The blocks greedy OBS removes, step by step, until `n_keep` are left (0 < n_keep)."""
+    d = weight.shape[1]
+    alive = list(range(d // block))
     h = gram[:d, :d].to(torch.float64).clone()
     h.diagonal().add_(DAMP * float(h.diagonal().mean()) + 1e-12)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     w = weight.detach().to(torch.float64).clone()
-    per_step = math.ceil((n_blocks - n_keep) / STEPS)
+    per_step = math.ceil((len(alive) - n_keep) / STEPS)
     while len(alive) > n_keep:
         costs = _costs(w, hinv, alive, block)
         take = min(per_step, len(alive) - n_keep)
@@ -55,7 +77,7 @@ def keep_by_obs(gram: torch.Tensor, weight: torch.Tensor, n_keep: int, block: in
         _remove_(w, hinv, head_rows(chosen, block, w.device))
         gone = set(chosen)
         alive = [b for b in alive if b not in gone]
-    return alive
+        yield chosen
 
 
 def _costs(w: torch.Tensor, hinv: torch.Tensor, alive: list[int], block: int) -> torch.Tensor:

@@ -7,6 +7,10 @@ so each row of an input batch can carry its own sub-model: many masks, one forwa
 
 Norms as wide as the projections (OLMo 2's q/k norms, `FamilyAdapter.qk_norm`) average over every head,
 so a pruned model's norm sees only the kept heads: their forward hook renormalises over the kept rows.
+
+Masks may also carry refits (`Refits`): per layer and kept count, a weight change of `o_proj` /
+`down_proj` that a row keeping that many units gets added to its output, `x_masked @ delta.T`. That
+scores sub-models as a least-squares repair would leave them (`scoring.refits`), still one forward.
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ from secateurs.units.space import Kind, UnitSpace
 
 
 @dataclass
+class Refits:
+    """Per layer, kept count -> weight change [out, in] of `o_proj` (attn) or `down_proj` (mlp), for the
+    rows of a batch that keep that many GQA groups / MLP channels. A row whose count has no entry runs
+    the plain weights. Shared by every row (never sliced with them); the deltas are right only for the
+    units they were fitted on, so whoever fills the bank also sets those units in the masks."""
+
+    attn: list[dict[int, torch.Tensor]]
+    mlp: list[dict[int, torch.Tensor]]
+
+
+@dataclass
 class Masks:
     """Keep values per unit, one row per sub-model (`B` rows).
 
@@ -39,6 +54,7 @@ class Masks:
     mlp_block: torch.Tensor
     attn_bias: list[torch.Tensor | None]
     mlp_bias: list[torch.Tensor | None]
+    refits: Refits | None = None
 
     @property
     def batch(self) -> int:
@@ -83,6 +99,8 @@ class Masks:
             )
 
         n_l = len(masks[0].groups)
+        if any(m.refits is not masks[0].refits for m in masks):
+            raise ValueError("cannot stack masks with different refits")
         return cls(
             groups=[torch.cat([m.groups[i] for m in masks]) for i in range(n_l)],
             channels=[torch.cat([m.channels[i] for m in masks]) for i in range(n_l)],
@@ -90,6 +108,7 @@ class Masks:
             mlp_block=torch.cat([m.mlp_block for m in masks]),
             attn_bias=[cat_bias([m.attn_bias[i] for m in masks]) for i in range(n_l)],
             mlp_bias=[cat_bias([m.mlp_bias[i] for m in masks]) for i in range(n_l)],
+            refits=masks[0].refits,
         )
 
     def map(self, fn, per_row_only: bool = True) -> Masks:
@@ -107,6 +126,7 @@ class Masks:
             mlp_block=f(self.mlp_block),
             attn_bias=[f(t) for t in self.attn_bias],
             mlp_bias=[f(t) for t in self.mlp_bias],
+            refits=self.refits,
         )
 
     def repeat_interleave(self, n: int) -> Masks:
@@ -147,8 +167,12 @@ def _scale_input_hook(unit_mask: torch.Tensor, width: int):
     return hook
 
 
-def _output_hook(block: torch.Tensor, bias: torch.Tensor | None):
-    def hook(_module, _args, out):
+def _output_hook(
+    block: torch.Tensor, bias: torch.Tensor | None, unit_mask: torch.Tensor, bank: dict[int, torch.Tensor]
+):
+    def hook(_module, args, out):
+        if bank:
+            out = out + _refit_rows(args[0], _rows(unit_mask, out.shape[0]), bank)
         if bias is not None:
             b = bias.to(out.device)
             out = out + (b if b.dim() == 1 else _rows(b, out.shape[0]).unsqueeze(1))
@@ -156,6 +180,23 @@ def _output_hook(block: torch.Tensor, bias: torch.Tensor | None):
         return out * b.view(b.shape[0], *([1] * (out.dim() - 1)))
 
     return hook
+
+
+def _refit_rows(x: torch.Tensor, unit_mask: torch.Tensor, bank: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Each row's `x @ delta.T` for the delta of its kept count (zero where the bank has none); `x` is
+    the masked input the pre-hook made."""
+    counts = (unit_mask != 0).sum(dim=1).expand(x.shape[0]).tolist()
+    extra = None
+    for count in sorted(set(counts)):
+        delta = bank.get(count)
+        if delta is None:
+            continue
+        rows = torch.tensor([r for r, c in enumerate(counts) if c == count], device=x.device)
+        part = x[rows] @ delta.to(device=x.device, dtype=x.dtype).T
+        if extra is None:
+            extra = torch.zeros(*x.shape[:-1], part.shape[-1], dtype=x.dtype, device=x.device)
+        extra[rows] = part
+    return 0 if extra is None else extra
 
 
 def _full_width_norm_hook(unit_mask: torch.Tensor, width: int, eps_attr: str):
@@ -202,7 +243,8 @@ def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> It
                 # A block whose groups are all masked counts as dropped (see Plan.canonical).
                 block = masks.attn_block[:, i] * (gm.sum(dim=1) > 0).to(gm.dtype)
                 handles.append(o.register_forward_pre_hook(_scale_input_hook(gm, g.q_per_kv * g.head_dim)))
-                handles.append(o.register_forward_hook(_output_hook(block, masks.attn_bias[i])))
+                bank = masks.refits.attn[i] if masks.refits else {}
+                handles.append(o.register_forward_hook(_output_hook(block, masks.attn_bias[i], gm, bank)))
                 if space.adapter.full_width_qk_norm:
                     eps = space.adapter.qk_norm_eps
                     q_norm, k_norm = space.adapter.qk_norms(layer)
@@ -214,7 +256,8 @@ def masked(model: nn.Module, masks: Masks, space: UnitSpace | None = None) -> It
                 cm = masks.channels[i]
                 block = masks.mlp_block[:, i] * (cm.sum(dim=1) > 0).to(cm.dtype)
                 handles.append(down.register_forward_pre_hook(_scale_input_hook(cm, 1)))
-                handles.append(down.register_forward_hook(_output_hook(block, masks.mlp_bias[i])))
+                bank = masks.refits.mlp[i] if masks.refits else {}
+                handles.append(down.register_forward_hook(_output_hook(block, masks.mlp_bias[i], cm, bank)))
         yield model
     finally:
         for h in handles:

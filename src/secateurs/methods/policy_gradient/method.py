@@ -80,6 +80,7 @@ from secateurs.methods.policy_gradient.estimator import (
     zscore_sigmoid,
 )
 from secateurs.progress import progress
+from secateurs.scoring.refits import RepairBank, even_counts
 from secateurs.scoring.select import select, target_params
 from secateurs.units.masks import Masks
 from secateurs.units.plan import LayerPlan, Plan
@@ -150,6 +151,14 @@ class PolicyGradientConfig(MethodConfig):
             "(a bias from one dense statistics pass), as the repair will compensate them"
         },
     )
+    refit: bool = field(
+        default=False,
+        metadata={
+            "help": "score each sampled sub-model as the obs repair would make it of its per-layer counts: "
+            "the units greedy OBS keeps and their ridge refit, from the dense calibration Gram matrices "
+            "(MLP counts rounded to whole bundles)"
+        },
+    )
     gate_init: float = field(default=0.95, metadata={"help": "initial keep probability of layer/block gates"})
     budget: str = field(
         default="global",
@@ -218,6 +227,8 @@ class PolicyGradientConfig(MethodConfig):
             raise ConfigError("uniform attention allocation needs both attn_group and mlp_channel units")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs checkpoint_dir")
+        if self.refit and self.compensate:
+            raise ConfigError("refit already compensates the removed units: give refit or compensate")
 
 
 @dataclass
@@ -521,6 +532,7 @@ class PolicyGradient(Method):
             cfg.samples * cfg.windows_per_step * windows.shape[1],
         )  # fmt: skip
         comp = MeanCompensation.from_model(model, space, calib, cfg.batch_rows) if cfg.compensate else None
+        bank = self._repair_bank(model, space, calib, vec) if cfg.refit else None
         gen = torch.Generator()
         gen.set_state(state.generator)
         saved = state.step  # the step the last good checkpoint holds
@@ -528,7 +540,11 @@ class PolicyGradient(Method):
             while state.step < end:
                 batch = windows[_step_rows(order, state.step, cfg.windows_per_step)]
                 samples = _sample_masks(state.s, cfg.samples, gen)
-                masks = vec.masks(samples) if comp is None else comp.add_to_(vec.masks(samples))
+                masks = vec.masks(samples)
+                if comp is not None:
+                    comp.add_to_(masks)
+                if bank is not None:
+                    bank.apply_(masks)
                 losses, evaluator = self._evaluate(model, space, batch, masks, state.step, saved)
                 state = self._step(state, samples, losses, vec, segments, gen)
                 _count_work(state, cfg.samples * batch.numel(), evaluator)
@@ -601,6 +617,17 @@ class PolicyGradient(Method):
                 f"cannot resume: checkpoint has {state.s.numel()} coordinates, the model has {vec.n}"
             )
         return vec
+
+    def _repair_bank(
+        self, model: nn.Module, space: UnitSpace, calib: torch.Tensor, vec: UnitVector
+    ) -> RepairBank:
+        """OBS orders and refits for scoring samples as repaired (`scoring.refits`); the MLP grid has
+        one count per number of kept bundles, so most samples' counts have their refit."""
+        ties = vec.ties.get(Kind.MLP_CHANNEL)
+        counts = None  # channels not learned, or one probability each: the bank's default grid
+        if ties is not None and any(_n_coords(t) < t.numel() for t in ties):
+            counts = [even_counts(t.numel(), _n_coords(t)) for t in ties]
+        return RepairBank.from_model(model, space, calib, counts, self.config.batch_rows)
 
     def _checkpoint_due(self, step: int, end: int) -> bool:
         """Save every `checkpoint_every` steps and at the last step of this call (when saving at all)."""
