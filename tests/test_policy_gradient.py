@@ -555,8 +555,8 @@ def test_compensated_search_runs_and_meets_the_budget():
     space = UnitSpace.from_model(model)
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
     kw = dict(sparsity=0.4, steps=6, samples=4, channel_bundle=4, seed=2)
-    plain = PolicyGradient(PolicyGradientConfig(**kw)).plan(model, space, calib)
-    comp = PolicyGradient(PolicyGradientConfig(**kw, compensate=True)).plan(model, space, calib)
+    plain = PolicyGradient(PolicyGradientConfig(**kw, sample_repair="none")).plan(model, space, calib)
+    comp = PolicyGradient(PolicyGradientConfig(**kw, sample_repair="bias")).plan(model, space, calib)
     target = target_params(space, 0.4)
     for p in (plain, comp):
         assert space.total_cost - p.kept_cost(space) >= target
@@ -564,18 +564,19 @@ def test_compensated_search_runs_and_meets_the_budget():
 
 
 def test_refit_search_scores_repaired_samples_and_meets_the_budget():
-    """`refit`: each sample is scored as the OBS repair of its counts, so the losses differ from the
-    plain search's on the same draws; the plan still meets the target; with `compensate` it is refused."""
+    """`sample_repair="lstsq"`: each sample is scored as the OBS repair of its counts, so the losses
+    differ from the plain search's on the same draws; the plan still meets the target; an unknown
+    repair is refused."""
     model = tiny_model("llama", layers=3)
     space = UnitSpace.from_model(model)
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
     kw = dict(sparsity=0.4, steps=6, samples=4, channel_bundle=4, seed=2)
-    plain = PolicyGradient(PolicyGradientConfig(**kw)).plan(model, space, calib)
-    refit = PolicyGradient(PolicyGradientConfig(**kw, refit=True)).plan(model, space, calib)
+    plain = PolicyGradient(PolicyGradientConfig(**kw, sample_repair="none")).plan(model, space, calib)
+    refit = PolicyGradient(PolicyGradientConfig(**kw, sample_repair="lstsq")).plan(model, space, calib)
     target = target_params(space, 0.4)
     for p in (plain, refit):
         assert space.total_cost - p.kept_cost(space) >= target
     curves = [p.info["training"]["curve"]["loss"] for p in (plain, refit)]
     assert curves[1][0] < curves[0][0]  # the same first draws, repaired
-    with pytest.raises(ConfigError, match="refit or compensate"):
-        PolicyGradientConfig(**kw, refit=True, compensate=True)
+    with pytest.raises(ConfigError, match="sample_repair must be one of"):
+        PolicyGradientConfig(**kw, sample_repair="obs")

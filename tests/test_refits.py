@@ -93,3 +93,15 @@ def test_kept_sets_are_nested_snapped_and_refits_lower_the_module_error():
         refit = plain.clone()
         refit[:, :-1] += delta.double()
         assert sq_error(gram, full, refit) < sq_error(gram, full, plain)
+
+
+def test_a_bank_that_would_not_fit_in_memory_is_refused_before_any_work(monkeypatch):
+    import secateurs.scoring.refits as refits
+    from secateurs.errors import ConfigError
+
+    model = tiny_model("llama", layers=2)
+    space = UnitSpace.from_model(model)
+    monkeypatch.setattr(refits, "MAX_MEMORY_SHARE", 1e-12)
+    monkeypatch.setattr(refits, "_dense_grams", lambda *a: pytest.fail("the dense pass ran"))
+    with pytest.raises(ConfigError, match="--sample-repair bias or none"):
+        _bank(model, space)

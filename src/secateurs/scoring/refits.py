@@ -28,9 +28,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
 
+from secateurs.errors import ConfigError
 from secateurs.models.placement import input_device, onloaded
 from secateurs.surgery.apply import head_rows
 from secateurs.surgery.reconstruct import Gram, augmented, solve
@@ -47,6 +49,9 @@ REFIT_RIDGE = 0.1
 # Kept-count grid of MLP channels when the caller gives none: a refit per count would cost one solve
 # and one [hidden, channels] delta per channel.
 DEFAULT_MLP_COUNTS = 16
+# The deltas live in memory for the whole search; at most this share of the memory available when the
+# bank is built, the rest being for the forwards' activations (7B models need a coarser grid or none).
+MAX_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -97,17 +102,18 @@ class RepairBank:
                 modules["attn", i] = a.o_proj(layer)
             if lu.n_channels:
                 modules["mlp", i] = a.down_proj(layer)
+        grids = {
+            key: _grid(space.layers[key[1]], key[0], mlp_counts[key[1]] if mlp_counts else None)
+            for key in modules
+        }
+        _check_memory({key: (len(grids[key]), m.weight.numel()) for key, m in modules.items()})
         grams = _dense_grams(model, modules, calib, batch_rows)
         attn: list[ModuleBank | None] = [None] * space.n_layers
         mlp: list[ModuleBank | None] = [None] * space.n_layers
         for (kind, i), module in modules.items():
-            lu = space.layers[i]
-            if kind == "attn":
-                width = lu.geometry.q_per_kv * lu.geometry.head_dim
-                attn[i] = _module_bank(module, grams[kind, i], width, range(1, lu.n_groups))
-            else:
-                grid = mlp_counts[i] if mlp_counts else even_counts(lu.n_channels, DEFAULT_MLP_COUNTS)
-                mlp[i] = _module_bank(module, grams[kind, i], 1, [c for c in grid if 0 < c < lu.n_channels])
+            g = space.layers[i].geometry
+            width = g.q_per_kv * g.head_dim if kind == "attn" else 1
+            (attn if kind == "attn" else mlp)[i] = _module_bank(module, grams[kind, i], width, grids[kind, i])
         log.info("repair bank: OBS orders and refits for %d modules", len(modules))
         return cls(attn, mlp)
 
@@ -128,6 +134,28 @@ class RepairBank:
 def even_counts(n: int, steps: int) -> list[int]:
     """`steps + 1` kept counts spread evenly over 0..n (fewer where n is small)."""
     return sorted({round(j * n / steps) for j in range(steps + 1)})
+
+
+def _grid(lu, kind: str, mlp_counts: list[int] | None) -> list[int]:
+    """The kept counts of one module that get a refit: every GQA group count; the MLP's given grid (or
+    an even one), without 0 and all, which need none."""
+    if kind == "attn":
+        return list(range(1, lu.n_groups))
+    grid = mlp_counts if mlp_counts is not None else even_counts(lu.n_channels, DEFAULT_MLP_COUNTS)
+    return [c for c in grid if 0 < c < lu.n_channels]
+
+
+def _check_memory(sizes: dict) -> None:
+    """Refuse, before any work, a bank whose deltas (float32, one per grid count and module) would not
+    fit in `MAX_MEMORY_SHARE` of the memory available now."""
+    need = 4 * sum(n_counts * numel for n_counts, numel in sizes.values())
+    have = psutil.virtual_memory().available
+    if need > MAX_MEMORY_SHARE * have:
+        raise ConfigError(
+            f"scoring samples as repaired needs {need / 2**30:.1f} GiB for its refits, more than "
+            f"{MAX_MEMORY_SHARE:.0%} of the {have / 2**30:.1f} GiB available: use --sample-repair bias or "
+            "none, or a larger --channel-bundle (fewer MLP counts)"
+        )
 
 
 def _module_bank(module: nn.Linear, gram: torch.Tensor, width: int, counts) -> ModuleBank:

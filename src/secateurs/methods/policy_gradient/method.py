@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,8 @@ log = logging.getLogger(__name__)
 BUDGETS = ("global", "per-kind")
 BASELINES = ("moving", "leave-one-out")
 INIT_SCOPES = ("layer", "global")
+# How a sampled sub-model is scored: the names of the repairs (`--reconstruct`) whose effect it sees.
+SAMPLE_REPAIRS = ("none", "bias", "lstsq")
 STATE_VERSION = 2  # 1: pickled state.pt (secateurs <= 0.1.0)
 # Settings that may change between an interrupted run and its resumption.
 _RESUMABLE = frozenset({"checkpoint_dir", "checkpoint_every", "resume", "log_every", "batch_rows"})
@@ -144,19 +147,13 @@ class PolicyGradientConfig(MethodConfig):
             "help": "z-score init scores per layer and kind (layer) or per kind across layers (global)"
         },
     )
-    compensate: bool = field(
-        default=False,
+    sample_repair: str = field(
+        default="none",
         metadata={
-            "help": "score each sampled sub-model with FLAP's mean compensation of its removed units "
-            "(a bias from one dense statistics pass), as the repair will compensate them"
-        },
-    )
-    refit: bool = field(
-        default=False,
-        metadata={
-            "help": "score each sampled sub-model as the obs repair would make it of its per-layer counts: "
-            "the units greedy OBS keeps and their ridge refit, from the dense calibration Gram matrices "
-            "(MLP counts rounded to whole bundles)"
+            "help": "score each sampled sub-model as a repair would leave it: none (as masked), bias "
+            "(FLAP's mean compensation of its removed units, one dense statistics pass), lstsq (the "
+            "units greedy OBS keeps at its per-layer counts and their ridge refit, from the dense "
+            "calibration Gram matrices, as --reconstruct lstsq with --reconstruct-select obs)"
         },
     )
     gate_init: float = field(default=0.95, metadata={"help": "initial keep probability of layer/block gates"})
@@ -227,8 +224,8 @@ class PolicyGradientConfig(MethodConfig):
             raise ConfigError("uniform attention allocation needs both attn_group and mlp_channel units")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs checkpoint_dir")
-        if self.refit and self.compensate:
-            raise ConfigError("refit already compensates the removed units: give refit or compensate")
+        if self.sample_repair not in SAMPLE_REPAIRS:
+            raise ConfigError(f"sample_repair must be one of {SAMPLE_REPAIRS}, got {self.sample_repair!r}")
 
 
 @dataclass
@@ -531,8 +528,7 @@ class PolicyGradient(Method):
             vec.n, state.step, end, cfg.steps, cfg.samples, cfg.windows_per_step, windows.shape[1],
             cfg.samples * cfg.windows_per_step * windows.shape[1],
         )  # fmt: skip
-        comp = MeanCompensation.from_model(model, space, calib, cfg.batch_rows) if cfg.compensate else None
-        bank = self._repair_bank(model, space, calib, vec) if cfg.refit else None
+        repair = self._sample_repair(model, space, calib, vec)
         gen = torch.Generator()
         gen.set_state(state.generator)
         saved = state.step  # the step the last good checkpoint holds
@@ -540,11 +536,7 @@ class PolicyGradient(Method):
             while state.step < end:
                 batch = windows[_step_rows(order, state.step, cfg.windows_per_step)]
                 samples = _sample_masks(state.s, cfg.samples, gen)
-                masks = vec.masks(samples)
-                if comp is not None:
-                    comp.add_to_(masks)
-                if bank is not None:
-                    bank.apply_(masks)
+                masks = repair(vec.masks(samples))
                 losses, evaluator = self._evaluate(model, space, batch, masks, state.step, saved)
                 state = self._step(state, samples, losses, vec, segments, gen)
                 _count_work(state, cfg.samples * batch.numel(), evaluator)
@@ -618,16 +610,22 @@ class PolicyGradient(Method):
             )
         return vec
 
-    def _repair_bank(
+    def _sample_repair(
         self, model: nn.Module, space: UnitSpace, calib: torch.Tensor, vec: UnitVector
-    ) -> RepairBank:
-        """OBS orders and refits for scoring samples as repaired (`scoring.refits`); the MLP grid has
-        one count per number of kept bundles, so most samples' counts have their refit."""
-        ties = vec.ties.get(Kind.MLP_CHANNEL)
-        counts = None  # channels not learned, or one probability each: the bank's default grid
-        if ties is not None and any(_n_coords(t) < t.numel() for t in ties):
-            counts = [even_counts(t.numel(), _n_coords(t)) for t in ties]
-        return RepairBank.from_model(model, space, calib, counts, self.config.batch_rows)
+    ) -> Callable[[Masks], Masks]:
+        """What turns a batch of sampled masks into the sub-models scored (`sample_repair`): as they
+        are, with FLAP's compensation biases, or as the OBS repair of their counts (`scoring.refits`;
+        the MLP grid has one count per number of kept bundles, so most samples' counts have a refit)."""
+        cfg: PolicyGradientConfig = self.config
+        if cfg.sample_repair == "bias":
+            return MeanCompensation.from_model(model, space, calib, cfg.batch_rows).add_to_
+        if cfg.sample_repair == "lstsq":
+            ties = vec.ties.get(Kind.MLP_CHANNEL)
+            counts = None  # channels not learned, or one probability each: the bank's default grid
+            if ties is not None and any(_n_coords(t) < t.numel() for t in ties):
+                counts = [even_counts(t.numel(), _n_coords(t)) for t in ties]
+            return RepairBank.from_model(model, space, calib, counts, cfg.batch_rows).apply_
+        return lambda masks: masks
 
     def _checkpoint_due(self, step: int, end: int) -> bool:
         """Save every `checkpoint_every` steps and at the last step of this call (when saving at all)."""
