@@ -245,9 +245,11 @@ CALIB = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0)
 
 
 def _cfg(**kw):
+    """Settings for the synthetic evaluator, which reads the sampled masks themselves (no model to repair)."""
     base = dict(
-        sparsity=0.4, steps=60, samples=4, lr=0.05, init="uniform", split_len=0, log_every=5, channel_bundle=1
-    )
+        sparsity=0.4, steps=60, samples=4, lr=0.05, init="uniform", split_len=0, log_every=5, channel_bundle=1,
+        sample_repair="none",
+    )  # fmt: skip
     return PolicyGradientConfig(**{**base, **kw})
 
 

@@ -2,7 +2,9 @@
 
 Where the sharing happens: `SubmodelEvaluator.losses` (the masks and windows of one call) and
 `scoring.stats.collect_stats` (the calibration windows of a statistics pass). Every other step runs on
-every rank with the same inputs, so every rank holds the same numbers and the same (pruned) model, and
+every rank with the same inputs (the repair; the policy gradient's repair bank, whose dense pass would
+need every batch's Gram matrices gathered to be shared exactly), so every rank holds the same numbers
+and the same (pruned) model, and
 Bonsai and the policy gradient never know how many workers there are. Rank 0 alone writes files
 (`on_main`: checkpoints, caches, the output) and logs; the other ranks stay quiet.
 
