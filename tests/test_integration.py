@@ -24,6 +24,13 @@ def default_model():
     return load_model("default", device="cpu")
 
 
+# Masked (zeros in full-width sums) and sliced (shorter sums) forwards add in another order in float32;
+# over 30 layers that reaches 2.13e-3 on one of SmolLM2's 6.3M logits here on an Intel Xeon's kernels
+# (under 2e-3 on the AMD EPYC of earlier runs). One more MLP channel masked (layer 5 or 29) moves
+# some logit by 1.1 to 12, so a wrong unit still fails.
+LOGITS_ATOL = 4e-3
+
+
 def test_masked_equals_pruned_equals_loaded_on_the_real_model(default_model, tmp_path):
     import secateurs
 
@@ -40,10 +47,10 @@ def test_masked_equals_pruned_equals_loaded_on_the_real_model(default_model, tmp
     loaded, tok2 = load_pruned(tmp_path / "out")
     with torch.inference_mode():
         got = loaded(ids).logits
-    torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(got, expected, atol=LOGITS_ATOL, rtol=1e-4)
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     with torch.inference_mode():
-        torch.testing.assert_close(stock(ids).logits, expected, atol=2e-3, rtol=1e-4)
+        torch.testing.assert_close(stock(ids).logits, expected, atol=LOGITS_ATOL, rtol=1e-4)
         prompt = tok2("The capital of France is", return_tensors="pt")
         out = stock.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
         ours = loaded.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
