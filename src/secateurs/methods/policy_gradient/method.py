@@ -93,6 +93,7 @@ from secateurs.methods.policy_gradient.estimator import (
 from secateurs.progress import progress
 from secateurs.scoring.refits import RepairBank, even_counts
 from secateurs.scoring.select import select, target_params
+from secateurs.surgery.reconstruct import MODES as REPAIR_MODES
 from secateurs.units.masks import Masks
 from secateurs.units.plan import LayerPlan, Plan
 from secateurs.units.space import COARSE_KINDS, FINE_KINDS, Kind, LayerUnits, UnitSpace
@@ -102,8 +103,6 @@ log = logging.getLogger(__name__)
 BUDGETS = ("global", "per-kind")
 BASELINES = ("moving", "leave-one-out")
 INIT_SCOPES = ("layer", "global")
-# How a sampled sub-model is scored: the names of the repairs (`--reconstruct`) whose effect it sees.
-SAMPLE_REPAIRS = ("none", "bias", "lstsq")
 STATE_VERSION = 2  # 1: pickled state.pt (secateurs <= 0.1.0)
 # Settings that may change between an interrupted run and its resumption.
 _RESUMABLE = frozenset({"checkpoint_dir", "checkpoint_every", "resume", "log_every", "batch_rows"})
@@ -235,8 +234,10 @@ class PolicyGradientConfig(MethodConfig):
             raise ConfigError("uniform attention allocation needs both attn_group and mlp_channel units")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs checkpoint_dir")
-        if self.sample_repair not in SAMPLE_REPAIRS:
-            raise ConfigError(f"sample_repair must be one of {SAMPLE_REPAIRS}, got {self.sample_repair!r}")
+        if self.sample_repair not in REPAIR_MODES:  # scored as the repair of that name leaves it
+            raise ConfigError(
+                f"sample_repair must be one of {', '.join(REPAIR_MODES)}, got {self.sample_repair!r}"
+            )
 
 
 @dataclass
