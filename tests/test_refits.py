@@ -57,9 +57,9 @@ def test_a_refit_row_is_the_model_with_refit_weights_sliced(family):
                     (masks.groups[i], bank.attn[i], a.o_proj(layer)),
                     (masks.channels[i], bank.mlp[i], a.down_proj(layer)),
                 ):
-                    delta = b.deltas.get(int((unit_mask[r] != 0).sum()))
-                    if delta is not None:
-                        module.weight += delta
+                    refit = b.deltas.get(int((unit_mask[r] != 0).sum()))
+                    if refit is not None:
+                        module.weight[:, refit.cols] += refit.delta
         apply_plan_(want_model, _rows_of(masks, space, r))
         with torch.inference_mode():
             want = want_model(ids[:1]).logits
@@ -82,17 +82,39 @@ def test_kept_sets_are_nested_snapped_and_refits_lower_the_module_error():
         n,
     ]
     # the refit at each grid count leaves less error than the plain slice of the same columns
-    from secateurs.scoring.refits import _dense_grams
-
-    down = space.adapter.down_proj(space.adapter.decoder_layers(model)[0])
-    gram = _dense_grams(model, {"d": down}, CALIB, 8)["d"]
+    layers = space.adapter.decoder_layers(model)
+    down = space.adapter.down_proj(layers[0])
+    gram = _gram_of(model, down, 0)
     full = augmented(down.weight, down.bias)
-    for count, delta in mb.deltas.items():
+    for count, r in mb.deltas.items():
         cols = torch.nonzero(mb.masks_for(torch.tensor([count]))[0]).flatten()
+        assert torch.equal(r.cols, cols) and r.delta.shape == (full.shape[0], count)
         plain = embed(torch.cat([full[:, cols], full[:, -1:]], 1), cols, n)
         refit = plain.clone()
-        refit[:, :-1] += delta.double()
+        refit[:, cols] += r.delta.double()
         assert sq_error(gram, full, refit) < sq_error(gram, full, plain)
+
+
+def _gram_of(model, module, layer: int) -> torch.Tensor:
+    """`module`'s input Gram matrix over CALIB from a plain dense forward: the reference for the bank's
+    layer-by-layer pass."""
+    from secateurs.surgery.reconstruct import Gram
+
+    gram = Gram(module.in_features)
+    handle = module.register_forward_pre_hook(lambda _m, args: gram.update(args[0]))
+    with torch.inference_mode():
+        model(CALIB)
+    handle.remove()
+    return gram.g
+
+
+def _available(monkeypatch, nbytes: int) -> None:
+    import psutil
+
+    import secateurs.scoring.refits as refits
+
+    vm = psutil.virtual_memory()._replace(available=nbytes)
+    monkeypatch.setattr(refits.psutil, "virtual_memory", lambda: vm)
 
 
 def test_a_bank_that_would_not_fit_in_memory_is_refused_before_any_work(monkeypatch):
@@ -101,7 +123,37 @@ def test_a_bank_that_would_not_fit_in_memory_is_refused_before_any_work(monkeypa
 
     model = tiny_model("llama", layers=2)
     space = UnitSpace.from_model(model)
-    monkeypatch.setattr(refits, "MAX_MEMORY_SHARE", 1e-12)
-    monkeypatch.setattr(refits, "_dense_grams", lambda *a: pytest.fail("the dense pass ran"))
+    _available(monkeypatch, 1000)
+    monkeypatch.setattr(refits, "capture_inputs", lambda *a: pytest.fail("the dense pass ran"))
     with pytest.raises(ConfigError, match="--sample-repair bias or none"):
         _bank(model, space)
+
+
+def test_a_bank_too_large_for_memory_thins_its_grids_and_still_scores(monkeypatch, caplog):
+    """A large model gets a coarser bank, not an error: fewer counts per module, within the budget, and
+    a row's counts snap to the nearest one left."""
+    import secateurs.scoring.refits as refits
+
+    model = tiny_model("llama", layers=2)
+    space = UnitSpace.from_model(model)
+    full = _bank(model, space)
+    size = sum(r.nbytes for b in full.attn + full.mlp if b for r in b.deltas.values())
+    _available(monkeypatch, int((size * 0.6 + _largest_grams(model, space)) / refits.MAX_MEMORY_SHARE))
+    with caplog.at_level("WARNING", logger="secateurs.scoring.refits"):
+        thin = _bank(model, space)
+    assert "thinned" in caplog.text
+    thin_size = sum(r.nbytes for b in thin.attn + thin.mlp if b for r in b.deltas.values())
+    assert 0 < thin_size <= size * 0.6
+    for a, b in zip(full.mlp + full.attn, thin.mlp + thin.attn, strict=True):
+        assert set(b.deltas) <= set(a.deltas) and len(b.deltas) > 0
+        assert torch.equal(a.rank, b.rank)  # the same OBS order, fewer refits
+    masks = thin.apply_(Masks.ones(space, 1))
+    assert masks.refits is not None
+
+
+def _largest_grams(model, space) -> int:
+    a = space.adapter
+    return max(
+        8 * ((a.o_proj(layer).in_features + 1) ** 2 + (a.down_proj(layer).in_features + 1) ** 2)
+        for layer in a.decoder_layers(model)
+    )

@@ -17,8 +17,11 @@ per-layer sparsities of locally pruned and repaired layers the same way.
 
 The proxy is local: every layer is fitted on the *dense* model's inputs, while the real repair fits
 each layer on the pruned model's own stream, and the ridge is fixed (`REFIT_RIDGE`) where the repair
-chooses it on held-out windows. It costs one dense pass, the greedy per module, one solve per grid
-count, and memory for the deltas (SmolLM2-135M, 9 MLP counts: about 1 GB in float32).
+chooses it on held-out windows. It costs one dense pass (layer by layer, one layer's Gram matrices at a
+time), the greedy per module, one solve per grid count, and memory for the deltas, stored over the kept
+columns only in the weights' dtype: SmolLM2-135M with 25 MLP counts per layer, 1.17 GiB in float32 (a
+full [out, in] change per count took 2.35 GiB). Grids too large for memory are thinned, with a warning,
+so a 7B model gets a coarser bank rather than an error.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ import torch
 from torch import nn
 
 from secateurs.errors import ConfigError
-from secateurs.models.placement import input_device, onloaded
+from secateurs.models.placement import onloaded
 from secateurs.surgery.apply import head_rows
-from secateurs.surgery.reconstruct import Gram, augmented, solve
+from secateurs.surgery.reconstruct import Gram, augmented, capture_inputs, run_layer, solve
 from secateurs.surgery.reselect import obs_order
-from secateurs.units.masks import Masks, Refits
+from secateurs.units.masks import Masks, Refit, Refits
 from secateurs.units.space import UnitSpace
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,11 @@ MAX_MEMORY_SHARE = 0.5
 @dataclass
 class ModuleBank:
     """One module's units in keep-priority (`rank[u]` = 0 for the unit OBS removes last), the counts
-    that have a refit, and those refits' weight changes [out, in] (zero outside the kept columns)."""
+    that have a refit, and those refits (over each count's kept columns)."""
 
     rank: torch.Tensor
     counts: torch.Tensor  # sorted kept counts with a refit (plus 0 and n, which need none)
-    deltas: dict[int, torch.Tensor]
+    deltas: dict[int, Refit]
 
     def snap(self, kept: torch.Tensor) -> torch.Tensor:
         """The grid count nearest each row's kept count (ties: the larger)."""
@@ -91,30 +94,28 @@ class RepairBank:
         mlp_counts: list[list[int]] | None = None,
         batch_rows: int = 8,
     ) -> RepairBank:
-        """One dense pass for the Gram matrices, then per module the OBS order and the grid's refits.
-        `mlp_counts[l]`: the kept channel counts of layer l that get a refit (default: an even grid of
-        `DEFAULT_MLP_COUNTS` steps)."""
+        """Per layer, in model order: one pass of the dense layer for its Gram matrices, then per module
+        the OBS order and the grid's refits. `mlp_counts[l]`: the kept channel counts of layer l that
+        get a refit (default: an even grid of `DEFAULT_MLP_COUNTS` steps); every grid is thinned, with
+        a warning, until the refits fit in memory."""
         a = space.adapter
         layers = a.decoder_layers(model)
-        modules = {}
-        for i, (layer, lu) in enumerate(zip(layers, space.layers, strict=True)):
-            if lu.n_groups:
-                modules["attn", i] = a.o_proj(layer)
-            if lu.n_channels:
-                modules["mlp", i] = a.down_proj(layer)
+        modules = _modules(model, space)
         grids = {
             key: _grid(space.layers[key[1]], key[0], mlp_counts[key[1]] if mlp_counts else None)
             for key in modules
         }
-        _check_memory({key: (len(grids[key]), m.weight.numel()) for key, m in modules.items()})
-        grams = _dense_grams(model, modules, calib, batch_rows)
+        grids = _fit_in_memory(grids, {key: _refit_cost(m, space, key) for key, m in modules.items()})
         attn: list[ModuleBank | None] = [None] * space.n_layers
         mlp: list[ModuleBank | None] = [None] * space.n_layers
-        for (kind, i), module in modules.items():
+        for i, grams in _dense_layer_grams(model, layers, modules, calib, batch_rows):
             g = space.layers[i].geometry
-            width = g.q_per_kv * g.head_dim if kind == "attn" else 1
-            (attn if kind == "attn" else mlp)[i] = _module_bank(module, grams[kind, i], width, grids[kind, i])
-        log.info("repair bank: OBS orders and refits for %d modules", len(modules))
+            for kind, gram in grams.items():
+                width = g.q_per_kv * g.head_dim if kind == "attn" else 1
+                bank = _module_bank(modules[kind, i], gram, width, grids[kind, i])
+                (attn if kind == "attn" else mlp)[i] = bank
+        size = sum(r.nbytes for b in attn + mlp if b for r in b.deltas.values())
+        log.info("repair bank: OBS orders and refits for %d modules, %.2f GiB", len(modules), size / 2**30)
         return cls(attn, mlp)
 
     def apply_(self, masks: Masks) -> Masks:
@@ -131,6 +132,18 @@ class RepairBank:
         return masks
 
 
+def _modules(model: nn.Module, space: UnitSpace) -> dict[tuple[str, int], nn.Linear]:
+    """("attn" | "mlp", layer) -> the `o_proj` / `down_proj` whose inputs are the layer's units."""
+    a = space.adapter
+    modules = {}
+    for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
+        if lu.n_groups:
+            modules["attn", i] = a.o_proj(layer)
+        if lu.n_channels:
+            modules["mlp", i] = a.down_proj(layer)
+    return modules
+
+
 def even_counts(n: int, steps: int) -> list[int]:
     """`steps + 1` kept counts spread evenly over 0..n (fewer where n is small)."""
     return sorted({round(j * n / steps) for j in range(steps + 1)})
@@ -145,23 +158,54 @@ def _grid(lu, kind: str, mlp_counts: list[int] | None) -> list[int]:
     return [c for c in grid if 0 < c < lu.n_channels]
 
 
-def _check_memory(sizes: dict) -> None:
-    """Refuse, before any work, a bank whose deltas (float32, one per grid count and module) would not
-    fit in `MAX_MEMORY_SHARE` of the memory available now."""
-    need = 4 * sum(n_counts * numel for n_counts, numel in sizes.values())
-    have = psutil.virtual_memory().available
-    if need > MAX_MEMORY_SHARE * have:
-        raise ConfigError(
-            f"scoring samples as repaired needs {need / 2**30:.1f} GiB for its refits, more than "
-            f"{MAX_MEMORY_SHARE:.0%} of the {have / 2**30:.1f} GiB available: use --sample-repair bias or "
-            "none, or a larger --channel-bundle (fewer MLP counts)"
+def _refit_cost(module: nn.Linear, space: UnitSpace, key: tuple[str, int]) -> tuple[int, int]:
+    """(bytes of one kept unit's refit columns, bytes of the module's float64 Gram matrix): a count-c
+    refit costs c unit blocks, stored in the weights' dtype."""
+    kind, i = key
+    g = space.layers[i].geometry
+    width = g.q_per_kv * g.head_dim if kind == "attn" else 1
+    return module.out_features * width * module.weight.element_size(), 8 * (module.in_features + 1) ** 2
+
+
+def _fit_in_memory(grids: dict, costs: dict) -> dict:
+    """The grids, thinned to every other count until the refits (plus the largest layer's float64 Gram
+    matrices, which live while it is processed) fit in `MAX_MEMORY_SHARE` of the memory available now.
+    A coarser grid snaps more samples to a neighbouring count; a large model still gets the bank instead
+    of an error. Refused, before any work, when even one count per module does not fit."""
+    have = MAX_MEMORY_SHARE * psutil.virtual_memory().available
+
+    def need(gr):
+        return sum(costs[k][0] * sum(gr[k]) for k in gr)
+
+    per_layer: dict[int, int] = {}
+    for (_kind, i), (_unit, gram) in costs.items():
+        per_layer[i] = per_layer.get(i, 0) + gram
+    grams = max(per_layer.values(), default=0)
+    thinned = dict(grids)
+    while need(thinned) + grams > have:
+        if all(len(g) <= 1 for g in thinned.values()):
+            raise ConfigError(
+                f"scoring samples as repaired needs {(need(thinned) + grams) / 2**30:.1f} GiB even with one "
+                f"refit per module, more than {MAX_MEMORY_SHARE:.0%} of the {have / MAX_MEMORY_SHARE / 2**30:.1f} "
+                "GiB available: use --sample-repair bias or none"
+            )
+        thinned = {k: g[1::2] if len(g) > 1 else g for k, g in thinned.items()}
+    if thinned != grids:
+        most = max(len(g) for g in thinned.values())
+        log.warning(
+            "repair bank: refit grids thinned to at most %d counts per module to fit in memory (%.1f GiB); "
+            "samples snap to the nearest count",
+            most,
+            need(thinned) / 2**30,
         )
+    return thinned
 
 
 def _module_bank(module: nn.Linear, gram: torch.Tensor, width: int, counts) -> ModuleBank:
     """OBS order of `module`'s input units (blocks of `width` columns) and the refit at each count."""
     with onloaded(module):
         full = augmented(module.weight, module.bias).cpu()
+        dtype = module.weight.dtype
     weight = full[:, :-1]
     order = obs_order(gram, weight, width)  # removed first ... removed last
     n = len(order)
@@ -172,24 +216,24 @@ def _module_bank(module: nn.Linear, gram: torch.Tensor, width: int, counts) -> M
         cols = head_rows(sorted(order[n - c :]), width, "cpu")
         scale = float(gram.diagonal()[cols].mean())
         new = solve(gram, full, cols, REFIT_RIDGE * scale, intercept=False, toward_kept=True)
-        delta = torch.zeros_like(weight)
-        delta[:, cols] = new[:, :-1] - weight[:, cols]
-        deltas[int(c)] = delta.float()
+        deltas[int(c)] = Refit(cols, (new[:, :-1] - weight[:, cols]).to(dtype))
     grid = torch.tensor(sorted({0, n, *map(int, counts)}), dtype=torch.long)
     return ModuleBank(rank, grid, deltas)
 
 
-def _dense_grams(
-    model: nn.Module, modules: dict, calib: torch.Tensor, batch_rows: int
-) -> dict[tuple[str, int], torch.Tensor]:
-    """The Gram matrix ([in + 1, in + 1], float64, on CPU) of each module's input over `calib`, from
-    forwards of the dense decoder (no logits)."""
-    grams = {key: Gram(m.in_features) for key, m in modules.items()}
-    device = input_device(model)
-    with torch.inference_mode(), _streaming(modules, grams):
-        for s in range(0, calib.shape[0], batch_rows):
-            model.get_decoder()(input_ids=calib[s : s + batch_rows].to(device), use_cache=False)
-    return {key: g.g for key, g in grams.items()}
+def _dense_layer_grams(
+    model: nn.Module, layers: list[nn.Module], modules: dict, calib: torch.Tensor, batch_rows: int
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Per layer, in order: {kind: Gram matrix ([in + 1, in + 1], float64, on CPU)} of its modules'
+    inputs over `calib`, from the dense layer's own pass (the repair's layer-wise loop without its
+    surgery): one layer's Gram matrices live at a time, not the model's (30 GiB on a 7B model)."""
+    hidden, kwargs = capture_inputs(model, calib, batch_rows)
+    for i, layer in enumerate(layers):
+        keys = [key for key in modules if key[1] == i]
+        grams = {kind: Gram(modules[kind, i].in_features) for kind, _ in keys}
+        with torch.inference_mode(), _streaming({k: modules[k, i] for k in grams}, grams):
+            hidden = run_layer(layer, hidden, kwargs, i)
+        yield i, {kind: g.g for kind, g in grams.items()}
 
 
 @contextmanager

@@ -418,9 +418,10 @@ def _inputs_of(module: nn.Module, grams: list[Gram]) -> Iterator[None]:
         handle.remove()
 
 
-def _run_layer(
+def run_layer(
     layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], i: int, on_batch=None
 ) -> list[torch.Tensor]:
+    """Layer `i`'s outputs for each batch of `capture_inputs`' hidden states (`on_batch(b)` first)."""
     out = []
     for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
         if on_batch is not None:
@@ -440,7 +441,7 @@ def _collect(layer, module, hidden, kwargs, i, held: set[int]) -> tuple[Gram, Gr
         current[0] = ho if b in held else fit
 
     with torch.inference_mode(), _inputs_of(module, current):
-        _run_layer(layer, hidden, kwargs, i, choose)
+        run_layer(layer, hidden, kwargs, i, choose)
     return fit, ho
 
 
@@ -494,7 +495,7 @@ def reconstruct_(
                     decoder[i], plan.layers[i], space.layers[i], a, hidden, kwargs, i, held, cfg
                 )
                 with torch.inference_mode():
-                    hidden = _run_layer(decoder[i], hidden, kwargs, i)
+                    hidden = run_layer(decoder[i], hidden, kwargs, i)
             layers_record.append({"layer": i, **record})
             applied.append(lp)
     plan = Plan(applied, plan.method, plan.settings, plan.seed, plan.info)

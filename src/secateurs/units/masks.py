@@ -9,8 +9,9 @@ Norms as wide as the projections (OLMo 2's q/k norms, `FamilyAdapter.qk_norm`) a
 so a pruned model's norm sees only the kept heads: their forward hook renormalises over the kept rows.
 
 Masks may also carry refits (`Refits`): per layer and kept count, a weight change of `o_proj` /
-`down_proj` that a row keeping that many units gets added to its output, `x_masked @ delta.T`. That
-scores sub-models as a least-squares repair would leave them (`scoring.refits`), still one forward.
+`down_proj`'s kept input columns that a row keeping that many units gets added to its output,
+`x[..., cols] @ delta.T`. That scores sub-models as a least-squares repair would leave them
+(`scoring.refits`), still one forward.
 """
 
 from __future__ import annotations
@@ -29,14 +30,28 @@ from secateurs.units.space import Kind, UnitSpace
 
 
 @dataclass
-class Refits:
-    """Per layer, kept count -> weight change [out, in] of `o_proj` (attn) or `down_proj` (mlp), for the
-    rows of a batch that keep that many GQA groups / MLP channels. A row whose count has no entry runs
-    the plain weights. Shared by every row (never sliced with them); the deltas are right only for the
-    units they were fitted on, so whoever fills the bank also sets those units in the masks."""
+class Refit:
+    """A weight change of the kept input columns `cols` only, `delta` [out, len(cols)]: the removed
+    columns' inputs are zero in a masked forward, so storing them would double the memory (at 50%) and
+    the matmul for nothing."""
 
-    attn: list[dict[int, torch.Tensor]]
-    mlp: list[dict[int, torch.Tensor]]
+    cols: torch.Tensor  # long, sorted input columns of the module
+    delta: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.delta.numel() * self.delta.element_size()
+
+
+@dataclass
+class Refits:
+    """Per layer, kept count -> `Refit` of `o_proj` (attn) or `down_proj` (mlp), for the rows of a batch
+    that keep that many GQA groups / MLP channels. A row whose count has no entry runs the plain
+    weights. Shared by every row (never sliced with them); the deltas are right only for the units they
+    were fitted on, so whoever fills the bank also sets those units in the masks."""
+
+    attn: list[dict[int, Refit]]
+    mlp: list[dict[int, Refit]]
 
 
 @dataclass
@@ -168,7 +183,7 @@ def _scale_input_hook(unit_mask: torch.Tensor, width: int):
 
 
 def _output_hook(
-    block: torch.Tensor, bias: torch.Tensor | None, unit_mask: torch.Tensor, bank: dict[int, torch.Tensor]
+    block: torch.Tensor, bias: torch.Tensor | None, unit_mask: torch.Tensor, bank: dict[int, Refit]
 ):
     def hook(_module, args, out):
         if bank:
@@ -182,17 +197,18 @@ def _output_hook(
     return hook
 
 
-def _refit_rows(x: torch.Tensor, unit_mask: torch.Tensor, bank: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Each row's `x @ delta.T` for the delta of its kept count (zero where the bank has none); `x` is
-    the masked input the pre-hook made."""
+def _refit_rows(x: torch.Tensor, unit_mask: torch.Tensor, bank: dict[int, Refit]) -> torch.Tensor:
+    """Each row's `x[..., cols] @ delta.T` for the refit of its kept count (zero where the bank has
+    none); `x` is the masked input the pre-hook made."""
     counts = (unit_mask != 0).sum(dim=1).expand(x.shape[0]).tolist()
     extra = None
     for count in sorted(set(counts)):
-        delta = bank.get(count)
-        if delta is None:
+        refit = bank.get(count)
+        if refit is None:
             continue
         rows = torch.tensor([r for r, c in enumerate(counts) if c == count], device=x.device)
-        part = x[rows] @ delta.to(device=x.device, dtype=x.dtype).T
+        kept = x[rows].index_select(-1, refit.cols.to(x.device))
+        part = kept @ refit.delta.to(device=x.device, dtype=x.dtype).T
         if extra is None:
             extra = torch.zeros(*x.shape[:-1], part.shape[-1], dtype=x.dtype, device=x.device)
         extra[rows] = part

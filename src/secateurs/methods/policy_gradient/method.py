@@ -52,7 +52,8 @@ repair would leave its per-layer counts (`scoring.refits.RepairBank`: OBS-ordere
 ridge refits, local to each layer on the dense stream). SmolLM2-135M, held-out perplexity after the
 default repair, seeds 0/1/2: at 50% 94.98 / 92.19 / 99.63 against 107.96 / 121.33 / 139.11 with none;
 at 20% 39.02 / 38.15 / 37.20 against 37.83 / 39.60 / 38.12 (a tie within the spread). It costs one dense
-pass, the greedy per module, about 1 GB of refits and ~1.3x the search time.
+pass, the greedy per module, 0.43 GiB of refits (30 layers x 8 MLP counts and 2 group counts, over the
+kept columns only) and ~1.3x the search time.
 
 Default budget (SmolLM2-135M to 50%, CPU): 300 steps x K=4 masks x 1 window of 128 tokens = 1,200
 sub-model rows = 153,600 tokens, plus the wanda-sp init's one pass over the calibration windows (the CLI
