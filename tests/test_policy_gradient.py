@@ -582,3 +582,29 @@ def test_refit_search_scores_repaired_samples_and_meets_the_budget():
     assert curves[1][0] < curves[0][0]  # the same first draws, repaired
     with pytest.raises(ConfigError, match="sample_repair must be one of"):
         PolicyGradientConfig(**kw, sample_repair="obs")
+
+
+@pytest.mark.parametrize(
+    ("sample_repair", "repair", "warned"),
+    [
+        ("lstsq", {}, False),  # the defaults match
+        ("lstsq", {"reconstruct": "none"}, True),
+        ("lstsq", {"reconstruct_select": "plan"}, True),
+        ("bias", {"reconstruct": "bias"}, False),
+        ("bias", {}, True),
+        ("none", {"reconstruct": "none"}, False),
+    ],
+)
+def test_a_search_scored_for_another_repair_than_the_runs_is_warned_about(
+    sample_repair, repair, warned, caplog
+):
+    from secateurs.pipeline import warn_if_scored_for_another_repair
+    from secateurs.surgery.reconstruct import ReconstructConfig
+
+    with caplog.at_level("WARNING", logger="secateurs.pipeline"):
+        warn_if_scored_for_another_repair(
+            PolicyGradientConfig(sample_repair=sample_repair), ReconstructConfig(**repair)
+        )
+    assert ("does not ship" in caplog.text) == warned
+    if warned:
+        assert "--reconstruct" in caplog.text and len(caplog.records) == 1

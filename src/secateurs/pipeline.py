@@ -351,6 +351,25 @@ def paying_for_repair(config: MethodConfig, space: UnitSpace, repair: Reconstruc
     return dataclasses.replace(config, sparsity=min(target / space.total_cost, MAX_SPARSITY))
 
 
+def warn_if_scored_for_another_repair(config: MethodConfig, repair: ReconstructConfig) -> None:
+    """One warning when the method scores its sub-models for a repair other than this run's (e.g.
+    `--sample-repair lstsq` with `--reconstruct none`): legal, but the shape is chosen for a model that
+    does not ship."""
+    wanted = config.scored_repair()
+    if any(getattr(repair, name) != value for name, value in wanted.items()):
+
+        def flags(settings):
+            return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in settings.items())
+
+        have = {name: getattr(repair, name) for name in wanted}
+        log.warning(
+            "the search scores sub-models as %s repairs them, but this run repairs with %s: its shape is "
+            "chosen for a model that does not ship (match them, e.g. --sample-repair none)",
+            flags(wanted),
+            flags(have),
+        )
+
+
 def run_repair(
     model: nn.Module, plan: Plan, tokenizer, data: DataConfig, repair: ReconstructConfig, batch_size: int
 ) -> tuple[dict[str, Any], Plan]:
@@ -415,6 +434,7 @@ def search(
     report: dict[str, Any] = {"model": model_name, "data": asdict(data), "split": data.describe()}
     report["phases"] = dict(phases or {})
     report["workers"] = distributed.world_size()
+    warn_if_scored_for_another_repair(config, repair)
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
     with phase(report, "search") as m:
         plan = make_plan(model, method, paying_for_repair(config, space, repair), calib)

@@ -70,6 +70,12 @@ class MethodConfig:
             self.attention_allocation == "inherit" and self.allocation == "uniform"
         )
 
+    def scored_repair(self) -> dict[str, str]:
+        """The repair settings (`ReconstructConfig` fields) the search scores its sub-models for, when
+        it models the final repair: a run repairing otherwise chose its shape for a model that does not
+        ship (`pipeline.search` warns). Empty: the method assumes no repair."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

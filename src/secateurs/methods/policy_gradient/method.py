@@ -240,6 +240,13 @@ class PolicyGradientConfig(MethodConfig):
                 f"sample_repair must be one of {', '.join(REPAIR_MODES)}, got {self.sample_repair!r}"
             )
 
+    def scored_repair(self) -> dict[str, str]:
+        if self.sample_repair == "lstsq":  # the bank's OBS units and refits
+            return {"reconstruct": "lstsq", "reconstruct_select": "obs"}
+        if self.sample_repair == "bias":
+            return {"reconstruct": "bias"}
+        return {}
+
 
 @dataclass
 class PGState:
