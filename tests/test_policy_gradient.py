@@ -531,7 +531,7 @@ def test_mean_compensation_equals_the_bias_repair_where_the_stream_is_unchanged(
     """In layer 0 the attention's input is the embedding whatever is pruned, so the dense means are the
     pruned stream's: masking a GQA group with compensation must give the logits of the model sliced and
     repaired by `--reconstruct bias`. Without compensation it must not."""
-    from secateurs.methods.policy_gradient.compensation import MeanCompensation
+    from secateurs.scoring.compensation import MeanCompensation
     from secateurs.surgery.reconstruct import ReconstructConfig, reconstruct_
 
     model = tiny_model("llama", layers=1)

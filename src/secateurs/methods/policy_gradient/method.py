@@ -80,7 +80,6 @@ from tqdm.auto import tqdm
 from secateurs.checkpoint import RunCheckpoint, run_fingerprint
 from secateurs.errors import ConfigError, LossError
 from secateurs.methods.base import Method, MethodConfig, UnitScores, fine_units, get_method, register
-from secateurs.methods.policy_gradient.compensation import MeanCompensation
 from secateurs.methods.policy_gradient.estimator import (
     ESTIMATORS,
     CostLayout,
@@ -92,6 +91,7 @@ from secateurs.methods.policy_gradient.estimator import (
     zscore_sigmoid,
 )
 from secateurs.progress import progress
+from secateurs.scoring.compensation import MeanCompensation
 from secateurs.scoring.refits import RepairBank, even_counts
 from secateurs.scoring.select import select, target_params
 from secateurs.surgery.reconstruct import MODES as REPAIR_MODES
