@@ -98,9 +98,8 @@ class RepairBank:
         the OBS order and the grid's refits. `mlp_counts[l]`: the kept channel counts of layer l that
         get a refit (default: an even grid of `DEFAULT_MLP_COUNTS` steps); every grid is thinned, with
         a warning, until the refits fit in memory."""
-        a = space.adapter
-        layers = a.decoder_layers(model)
-        modules = _modules(model, space)
+        layers = space.adapter.decoder_layers(model)
+        modules = _modules(layers, space)
         grids = {
             key: _grid(space.layers[key[1]], key[0], mlp_counts[key[1]] if mlp_counts else None)
             for key in modules
@@ -109,10 +108,8 @@ class RepairBank:
         attn: list[ModuleBank | None] = [None] * space.n_layers
         mlp: list[ModuleBank | None] = [None] * space.n_layers
         for i, grams in _dense_layer_grams(model, layers, modules, calib, batch_rows):
-            g = space.layers[i].geometry
             for kind, gram in grams.items():
-                width = g.q_per_kv * g.head_dim if kind == "attn" else 1
-                bank = _module_bank(modules[kind, i], gram, width, grids[kind, i])
+                bank = _module_bank(modules[kind, i], gram, _unit_width(space, (kind, i)), grids[kind, i])
                 (attn if kind == "attn" else mlp)[i] = bank
         size = sum(r.nbytes for b in attn + mlp if b for r in b.deltas.values())
         log.info("repair bank: OBS orders and refits for %d modules, %.2f GiB", len(modules), size / 2**30)
@@ -132,11 +129,11 @@ class RepairBank:
         return masks
 
 
-def _modules(model: nn.Module, space: UnitSpace) -> dict[tuple[str, int], nn.Linear]:
+def _modules(layers: list[nn.Module], space: UnitSpace) -> dict[tuple[str, int], nn.Linear]:
     """("attn" | "mlp", layer) -> the `o_proj` / `down_proj` whose inputs are the layer's units."""
     a = space.adapter
     modules = {}
-    for i, (layer, lu) in enumerate(zip(a.decoder_layers(model), space.layers, strict=True)):
+    for i, (layer, lu) in enumerate(zip(layers, space.layers, strict=True)):
         if lu.n_groups:
             modules["attn", i] = a.o_proj(layer)
         if lu.n_channels:
@@ -158,13 +155,18 @@ def _grid(lu, kind: str, mlp_counts: list[int] | None) -> list[int]:
     return [c for c in grid if 0 < c < lu.n_channels]
 
 
+def _unit_width(space: UnitSpace, key: tuple[str, int]) -> int:
+    """Input columns of one unit of module `key`: a GQA group's query heads, or one MLP channel."""
+    kind, i = key
+    g = space.layers[i].geometry
+    return g.q_per_kv * g.head_dim if kind == "attn" else 1
+
+
 def _refit_cost(module: nn.Linear, space: UnitSpace, key: tuple[str, int]) -> tuple[int, int]:
     """(bytes of one kept unit's refit columns, bytes of the module's float64 Gram matrix): a count-c
     refit costs c unit blocks, stored in the weights' dtype."""
-    kind, i = key
-    g = space.layers[i].geometry
-    width = g.q_per_kv * g.head_dim if kind == "attn" else 1
-    return module.out_features * width * module.weight.element_size(), 8 * (module.in_features + 1) ** 2
+    unit = module.out_features * _unit_width(space, key) * module.weight.element_size()
+    return unit, 8 * (module.in_features + 1) ** 2
 
 
 def _fit_in_memory(grids: dict, costs: dict) -> dict:
