@@ -565,6 +565,27 @@ def test_compensated_search_runs_and_meets_the_budget():
     assert comp.info["training"]["curve"]["loss"] != plain.info["training"]["curve"]["loss"]
 
 
+def test_the_refit_bank_is_fitted_on_the_repair_windows_where_given(monkeypatch):
+    """`repair_windows` (what `pipeline.search` passes: the run's repair calibration) are the windows the
+    bank's refits are fitted on; without them, the search's own. Why: refits fitted on the search's
+    few tokens overfit them (see `Method.fit_windows`)."""
+    import secateurs.methods.policy_gradient.method as pg
+
+    seen = []
+    real = pg.RepairBank.from_model
+    monkeypatch.setattr(
+        pg.RepairBank, "from_model", lambda m, sp, w, *a: seen.append(w.shape) or real(m, sp, w, *a)
+    )
+    model = tiny_model("llama", layers=3)
+    space = UnitSpace.from_model(model)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    repair = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(2))
+    cfg = PolicyGradientConfig(sparsity=0.4, steps=2, samples=2, channel_bundle=4, seed=2)
+    PolicyGradient(cfg, repair_windows=repair).plan(model, space, calib)
+    PolicyGradient(cfg).plan(model, space, calib)
+    assert seen == [repair.shape, calib.shape]
+
+
 def test_refit_search_scores_repaired_samples_and_meets_the_budget():
     """`sample_repair="lstsq"`: each sample is scored as the OBS repair of its counts, so the losses
     differ from the plain search's on the same draws; the plan still meets the target; an unknown

@@ -260,19 +260,50 @@ def test_repair_windows_default_to_their_own_larger_shape_within_the_context():
         repair_shape(DataConfig(), ReconstructConfig(reconstruct_seq_len=128), 64)
 
 
-def test_default_repair_windows_shrink_to_a_short_text_but_asked_ones_do_not(tiny_dir, caplog):
+def test_default_repair_windows_shrink_to_a_short_text_but_asked_ones_do_not(tiny_dir, caplog, monkeypatch):
+    """... with one warning, though the search (its sample repair) and the repair both cut them."""
     from helpers_tokenizer import tiny_tokenizer
+    from secateurs import pipeline
     from secateurs.errors import DataError
     from secateurs.pipeline import DataConfig, repair_windows
 
+    monkeypatch.setattr(pipeline, "_SHORT_TEXT_WARNED", set())
     tok = tiny_tokenizer()
     _, path = tiny_dir
     data = DataConfig(calib=str(path), eval=str(path), nsamples=4, seq_len=16)
     windows = repair_windows(tok, data, ReconstructConfig(), context=64)
+    again = repair_windows(tok, data, ReconstructConfig(), context=64)
     assert windows.shape[1] == 64 and 2 <= windows.shape[0] < 128
-    assert "not the repair's default 128" in caplog.text
+    assert torch.equal(windows, again)
+    assert caplog.text.count("not the repair's default 128") == 1
     with pytest.raises(DataError, match="need"):
         repair_windows(tok, data, ReconstructConfig(reconstruct_nsamples=128), context=64)
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "none"])
+def test_a_prune_run_gives_the_method_its_repair_windows(tiny_dir, monkeypatch, mode):
+    """`run_prune` hands the method the windows its repair will fit on (for a search that scores
+    sub-models as repaired), and none when there is no repair."""
+    from helpers_tokenizer import tiny_tokenizer
+    from secateurs import pipeline
+    from secateurs.methods.base import MethodConfig
+
+    seen = []
+    real = pipeline.make_plan
+    monkeypatch.setattr(
+        pipeline,
+        "make_plan",
+        lambda m, name, cfg, calib, fit=None: seen.append(fit) or real(m, name, cfg, calib, fit),
+    )
+    path, text = tiny_dir
+    model, tok = transformers.AutoModelForCausalLM.from_pretrained(path), tiny_tokenizer()
+    data = pipeline.DataConfig(calib=str(text), eval=str(text), nsamples=4, seq_len=16, eval_seq_len=64)
+    repair = ReconstructConfig(reconstruct=mode, reconstruct_nsamples=6, reconstruct_seq_len=32)
+    pipeline.run_prune(
+        model, tok, "wanda-sp", MethodConfig(sparsity=0.3), data, "tiny", evaluate=False, repair=repair
+    )
+    want = None if mode == "none" else pipeline.repair_windows(tok, data, repair, 128)
+    assert (seen[0] is None) if want is None else torch.equal(seen[0], want)
 
 
 def test_apply_of_an_old_plan_keeps_the_windows_it_was_repaired_with():

@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 MAX_SPARSITY = 0.999  # a bias budget may raise a method's target, never to "remove everything"
 
 
+def model_context(model: nn.Module) -> int | None:
+    """The model's context length (`max_position_embeddings`), where its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 @dataclass
 class DataConfig:
     """Calibration and evaluation text. The two never overlap: see `describe_split`."""
@@ -94,7 +99,7 @@ class DataConfig:
 
         `options`: the window lengths to check, by field, with the option that sets each in the command
         at hand (`secateurs eval` calls its evaluation length `--seq-len`)."""
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = model_context(model)
         options = options or {"seq_len": "--seq-len", "eval_seq_len": "--eval-seq-len"}
         for field_name, option in options.items():
             self.check_length(getattr(self, field_name), option, limit)
@@ -253,13 +258,20 @@ def cached_perplexity(
     return cached_eval(key, lambda: perplexity(model, windows, batch_size))
 
 
-def make_plan(model: nn.Module, method: str, config: MethodConfig, calib: torch.Tensor) -> Plan:
+def make_plan(
+    model: nn.Module,
+    method: str,
+    config: MethodConfig,
+    calib: torch.Tensor,
+    repair_windows: torch.Tensor | None = None,
+) -> Plan:
     """Run a registered method; the model comes back unchanged (methods may prune it in place meanwhile,
-    without a second copy: see `Method.plan`)."""
+    without a second copy: see `Method.plan`). `repair_windows`: the run's repair calibration, for
+    methods that score sub-models as repaired (`Method.fit_windows`)."""
     cls = get_method(method)
     space = UnitSpace.from_model(model)
     check_reachable(space, config.sparsity, config.allocation, tuple(config.units), config.uniform_attention)
-    return cls(config).plan(model, space, calib)
+    return cls(config, repair_windows=repair_windows).plan(model, space, calib)
 
 
 @dataclass
@@ -323,6 +335,10 @@ def repair_shape(data: DataConfig, repair: ReconstructConfig, context: int | Non
     return repair.reconstruct_nsamples or max(data.nsamples, REPAIR_WINDOWS), seq_len
 
 
+# The search (its sample repair) and the repair cut the same windows: a short text is reported once.
+_SHORT_TEXT_WARNED: set[tuple[int, int, int]] = set()
+
+
 def repair_windows(
     tokenizer, data: DataConfig, repair: ReconstructConfig, context: int | None = None
 ) -> torch.Tensor:
@@ -334,10 +350,13 @@ def repair_windows(
     if not repair.reconstruct_nsamples:
         fits = token_stream(tokenizer, docs).numel() // seq_len
         if fits < n:
-            log.warning(
-                "the calibration text holds %d windows of %d tokens, not the repair's default %d: using %d",
-                fits, seq_len, n, max(fits, 2),
-            )  # fmt: skip
+            if (fits, seq_len, n) not in _SHORT_TEXT_WARNED:
+                _SHORT_TEXT_WARNED.add((fits, seq_len, n))
+                log.warning(
+                    "the calibration text holds %d windows of %d tokens, not the repair's default %d: "
+                    "using %d",
+                    fits, seq_len, n, max(fits, 2),
+                )  # fmt: skip
             n = max(fits, 2)  # fewer than 2 fails in sample_windows with the text's length in the message
     return sample_windows(tokenizer, docs, n, seq_len, data.seed)
 
@@ -375,8 +394,11 @@ def run_repair(
 ) -> tuple[dict[str, Any], Plan]:
     """Surgery with the repair; its record (settings, windows' fingerprint, per-layer errors, time) and
     the plan applied (`--reconstruct-select obs` may keep other units than the method's)."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    windows = repair_windows(tokenizer, data, repair, context) if repair.reconstruct != "none" else None
+    windows = (
+        None
+        if repair.reconstruct == "none"
+        else repair_windows(tokenizer, data, repair, model_context(model))
+    )
     with phase({}, "repair") as m:
         if windows is None:
             apply_plan_(model, plan)
@@ -435,9 +457,15 @@ def search(
     report["phases"] = dict(phases or {})
     report["workers"] = distributed.world_size()
     warn_if_scored_for_another_repair(config, repair)
+    # A method that scores sub-models as repaired fits its refits on the repair's windows.
+    fit = (
+        None
+        if repair.reconstruct == "none"
+        else repair_windows(tokenizer, data, repair, model_context(model))
+    )
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
     with phase(report, "search") as m:
-        plan = make_plan(model, method, paying_for_repair(config, space, repair), calib)
+        plan = make_plan(model, method, paying_for_repair(config, space, repair), calib, fit)
     report["method_time_s"], report["method_peak_rss_mb"] = m.seconds, m.peak_rss_mb
     if m.cuda_peak_mb is not None:
         report["method_cuda_peak_mb"] = m.cuda_peak_mb

@@ -644,7 +644,7 @@ class PolicyGradient(Method):
             counts = None  # channels not learned, or one probability each: the bank's default grid
             if ties is not None and any(_n_coords(t) < t.numel() for t in ties):
                 counts = [even_counts(t.numel(), _n_coords(t)) for t in ties]
-            return RepairBank.from_model(model, space, calib, counts, cfg.batch_rows).apply_
+            return RepairBank.from_model(model, space, self.fit_windows(calib), counts, cfg.batch_rows).apply_
         return lambda masks: masks
 
     def _checkpoint_due(self, step: int, end: int) -> bool:
