@@ -130,8 +130,8 @@ class Method(ABC):
 
         Why not the search's own windows: refits of a 1,536-input MLP fitted on 32 x 128 tokens overfit
         them. SmolLM2-135M at 50%, the policy gradient's shape (seed 0): its sub-model's perplexity is
-        72 on the windows the refits were fitted on and 152 on held-out text; fitted on the repair's
-        128 x 256 windows, 120 and 121 (seed 2) (`bench/proxy_fidelity.py`). A search on the
+        72.1 on the search's windows and 152.0 on held-out text with the refits fitted on those windows;
+        112.1 and 121.5 fitted on the repair's 128 x 256 (`bench/proxy_fidelity.py`). A search on the
         overfitted proxy rewards shapes whose refits fit the calibration noise."""
         return calib if self.repair_windows is None else self.repair_windows
 
