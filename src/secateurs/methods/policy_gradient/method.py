@@ -49,11 +49,13 @@ Sample repair (`sample_repair`, default lstsq): the model that ships is repaired
 chooses which units and refits their weights. Scoring plain masked samples judges shapes on models that
 never ship and rewards uneven shapes the repair cannot use. With lstsq each sample is scored as that
 repair would leave its per-layer counts (`scoring.refits.RepairBank`: OBS-ordered units and precomputed
-ridge refits, local to each layer on the dense stream). SmolLM2-135M, held-out perplexity after the
-default repair, seeds 0/1/2: at 50% 94.98 / 92.19 / 99.63 against 107.96 / 121.33 / 139.11 with none;
-at 20% 39.02 / 38.15 / 37.20 against 37.83 / 39.60 / 38.12 (a tie within the spread). It costs one dense
-pass, the greedy per module, 0.43 GiB of refits (30 layers x 8 MLP counts and 2 group counts, over the
-kept columns only) and ~1.3x the search time.
+ridge refits, local to each layer on the dense stream), fitted on the repair's own windows where the
+caller gives them (`Method.fit_windows`; the search's 32 x 128 tokens overfit). SmolLM2-135M, held-out
+perplexity after the default repair, seeds 0/1/2: at 50% 88.41 / 95.08 / 104.31 (94.98 / 92.19 / 99.63
+with the bank fitted on the search's windows; 107.96 / 121.33 / 139.11 with none); at 20% 36.17 / 36.81
+/ 36.07 (39.02 / 38.15 / 37.20; 37.83 / 39.60 / 38.12 with none). It costs one dense pass over the
+repair's windows, the greedy per module, 0.43 GiB of refits (30 layers x 8 MLP counts and 2 group
+counts, over the kept columns only) and ~1.7x the search time.
 
 Default budget (SmolLM2-135M to 50%, CPU): 300 steps x K=4 masks x 1 window of 128 tokens = 1,200
 sub-model rows = 153,600 tokens, plus the wanda-sp init's one pass over the calibration windows (the CLI
@@ -163,7 +165,8 @@ class PolicyGradientConfig(MethodConfig):
             "help": "score each sampled sub-model as a repair would leave it: none (as masked), bias "
             "(FLAP's mean compensation of its removed units, one dense statistics pass), lstsq (the "
             "units greedy OBS keeps at its per-layer counts and their ridge refit, from the dense "
-            "calibration Gram matrices, as --reconstruct lstsq with --reconstruct-select obs; give none "
+            "model's Gram matrices on the repair's windows, as --reconstruct lstsq with "
+            "--reconstruct-select obs; give none "
             "with another --reconstruct)"
         },
     )
