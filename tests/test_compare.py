@@ -244,3 +244,14 @@ def test_a_spawned_run_scores_the_tasks(tiny_dir, tmp_path, hf_datasets_cache):
     assert _compare(model, text, res, "--methods", "magnitude", *tasks) == 0
     (row,) = json.loads((res / "compare.json").read_text())
     assert row["tasks"][TASK]["samples"] == 6 and row["dense_tasks"][TASK]["samples"] == 6
+
+
+def test_jobs_share_a_search_across_repair_modes_but_not_across_repair_windows():
+    """A search that scores sub-models as repaired fits on the repair's windows: jobs that differ in
+    the repair's mode share one search, jobs that differ in its windows do not."""
+    jobs = [
+        compare.Job("policy-gradient", 0.5, {"reconstruct": "none"}),
+        compare.Job("policy-gradient", 0.5, {"reconstruct": "lstsq"}),
+        compare.Job("policy-gradient", 0.5, {"reconstruct": "lstsq", "reconstruct_nsamples": 64}),
+    ]
+    assert sorted(compare._search_groups(jobs, [0, 1, 2])) == [[0, 1], [2]]

@@ -280,13 +280,17 @@ def test_default_repair_windows_shrink_to_a_short_text_but_asked_ones_do_not(tin
         repair_windows(tok, data, ReconstructConfig(reconstruct_nsamples=128), context=64)
 
 
-@pytest.mark.parametrize("mode", ["lstsq", "none"])
-def test_a_prune_run_gives_the_method_its_repair_windows(tiny_dir, monkeypatch, mode):
-    """`run_prune` hands the method the windows its repair will fit on (for a search that scores
-    sub-models as repaired), and none when there is no repair."""
+@pytest.mark.parametrize(
+    ("method", "mode", "given"),
+    [("policy-gradient", "lstsq", True), ("policy-gradient", "none", True), ("wanda-sp", "lstsq", False)],
+)
+def test_a_prune_run_gives_the_method_its_repair_windows(tiny_dir, monkeypatch, method, mode, given):
+    """`run_prune` hands a method that scores sub-models as least-squares repaired the windows a repair
+    with these settings fits on, whatever the run's mode (`compare --reconstruct none,lstsq` shares
+    its search); a method that does not use them gets none."""
     from helpers_tokenizer import tiny_tokenizer
     from secateurs import pipeline
-    from secateurs.methods.base import MethodConfig
+    from secateurs.methods.base import get_method
 
     seen = []
     real = pipeline.make_plan
@@ -299,11 +303,13 @@ def test_a_prune_run_gives_the_method_its_repair_windows(tiny_dir, monkeypatch, 
     model, tok = transformers.AutoModelForCausalLM.from_pretrained(path), tiny_tokenizer()
     data = pipeline.DataConfig(calib=str(text), eval=str(text), nsamples=4, seq_len=16, eval_seq_len=64)
     repair = ReconstructConfig(reconstruct=mode, reconstruct_nsamples=6, reconstruct_seq_len=32)
-    pipeline.run_prune(
-        model, tok, "wanda-sp", MethodConfig(sparsity=0.3), data, "tiny", evaluate=False, repair=repair
-    )
-    want = None if mode == "none" else pipeline.repair_windows(tok, data, repair, 128)
-    assert (seen[0] is None) if want is None else torch.equal(seen[0], want)
+    settings = {"steps": 2, "samples": 2} if method == "policy-gradient" else {}
+    config = get_method(method).config_class(sparsity=0.3, **settings)
+    pipeline.run_prune(model, tok, method, config, data, "tiny", evaluate=False, repair=repair)
+    if given:
+        assert torch.equal(seen[0], pipeline.repair_windows(tok, data, repair, 128))
+    else:
+        assert seen[0] is None
 
 
 def test_apply_of_an_old_plan_keeps_the_windows_it_was_repaired_with():

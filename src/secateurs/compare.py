@@ -384,17 +384,22 @@ def seed_summary(rows: list[dict[str, Any]]) -> str:
 
 
 REPAIR_SETTINGS = frozenset(f.name for f in dataclasses.fields(ReconstructConfig))
+# The repair's windows: a search that scores sub-models as repaired fits on them (`Method.fit_windows`).
+REPAIR_WINDOW_SETTINGS = ("reconstruct_nsamples", "reconstruct_seq_len")
 
 
 def _search_groups(todo: list[Job], indices: list[int]) -> list[list[int]]:
-    """Jobs that can share one search: same method, sparsity and settings but the repair's, and the
-    same answer to "does the repair add biases" (the search budgets for them)."""
+    """Jobs that can share one search: same method, sparsity and settings but the repair's, the same
+    repair windows, and the same answer to "does the repair add biases" (the search budgets for them)."""
     groups: dict[str, list[int]] = {}
     for i in indices:
         job = todo[i]
         others = {k: v for k, v in job.settings.items() if k not in REPAIR_SETTINGS}
-        adds = _configs(job)[2].adds_biases
-        key = json.dumps([job.method, job.sparsity, jsonable(others), adds], sort_keys=True)
+        repair = _configs(job)[2]
+        windows = [getattr(repair, name) for name in REPAIR_WINDOW_SETTINGS]
+        key = json.dumps(
+            [job.method, job.sparsity, jsonable(others), windows, repair.adds_biases], sort_keys=True
+        )
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

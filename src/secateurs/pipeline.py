@@ -457,12 +457,12 @@ def search(
     report["phases"] = dict(phases or {})
     report["workers"] = distributed.world_size()
     warn_if_scored_for_another_repair(config, repair)
-    # A method that scores sub-models as repaired fits its refits on the repair's windows.
-    fit = (
-        None
-        if repair.reconstruct == "none"
-        else repair_windows(tokenizer, data, repair, model_context(model))
-    )
+    # A method that scores sub-models as least-squares repaired fits its refits on the windows a repair
+    # with these settings uses, whatever the run's mode: `compare --reconstruct none,lstsq` shares one
+    # search between the two, which must not depend on the mode it was started with.
+    fit = None
+    if config.scored_repair().get("reconstruct") == "lstsq":
+        fit = repair_windows(tokenizer, data, repair, model_context(model))
     # The method runs before any evaluation so that its peak memory is its own, not an eval batch's.
     with phase(report, "search") as m:
         plan = make_plan(model, method, paying_for_repair(config, space, repair), calib, fit)
