@@ -88,15 +88,16 @@ def _masks(space: UnitSpace, rows: list[dict]) -> Masks:
     return m
 
 
-def _score_seed(model, tok, space, rows, seed, args) -> list[tuple[float, float]]:
-    """(proxy perplexity on the search's windows, held out) of each row, with the bank of data seed `seed`."""
+def _score_seed(model, tok, space, rows, seed, args) -> list[tuple[dict, float, float]]:
+    """(row, proxy perplexity on the search's windows, held out) of each row and of the metric methods'
+    shapes, with the bank of data seed `seed`."""
     data = DataConfig(
         calib=args.text, eval=args.text, seed=seed, nsamples=args.nsamples, seq_len=args.seq_len,
         eval_seq_len=args.eval_seq_len,
     )  # fmt: skip
     calib = calibration_windows(tok, data)
     held, _ = evaluation_windows(tok, data)
-    rows.extend(_metric_rows(model, space, calib, args.methods, sorted({r["target"] for r in rows}), seed))
+    rows = rows + _metric_rows(model, space, calib, args.methods, sorted({r["target"] for r in rows}), seed)
     fit = calib
     if args.bank_windows == "repair":
         fit = repair_windows(tok, data, ReconstructConfig(), model_context(model))
@@ -106,7 +107,7 @@ def _score_seed(model, tok, space, rows, seed, args) -> list[tuple[float, float]
     found = []
     for windows in (calib, held[: args.heldout]):
         found.append(SubmodelEvaluator(model, windows, space=space).losses(masks).exp().tolist())
-    return list(zip(*found, strict=True))
+    return list(zip(rows, *found, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for seed in sorted({r["seed"] for r in rows}):
         mine = [r for r in rows if r["seed"] == seed]
-        for r, (on_calib, held) in zip(mine, _score_seed(model, tok, space, mine, seed, args), strict=True):
+        for r, on_calib, held in _score_seed(model, tok, space, mine, seed, args):
             print(
                 f"| {seed} | {r['label']} | {r['target']:.0%} | {r['real']:.2f} | {on_calib:.2f} | {held:.2f} |"
             )
